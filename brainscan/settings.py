@@ -1,0 +1,71 @@
+"""One settings object for every process, read from ``BRAINSCAN_*`` environment variables.
+
+Defaults are the embedded stack's: a SQLite file, a Redis started by ``brainscan up`` and storage
+under ``var/``. A distributed deployment overrides them through the environment only.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BRAINSCAN_", env_file=None, extra="ignore")
+
+    # Where state lives.
+    var_dir: Path = Field(Path("var"), description="Root for the embedded stack's files.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under var_dir.")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    storage_dir: Path | None = Field(None, description="Content-addressed scan store; var_dir/storage.")
+    model_dir: Path = Field(Path("models"), description="Model repository: <name>/<version>/.")
+    model_name: str = Field("", description="Model to serve; empty means the promoted/only one.")
+    model_version: str = Field("", description="Version to serve; empty means the promoted/newest.")
+
+    # Serving.
+    batch_size: int = Field(32, ge=1, le=1024, description="Largest batch a worker scores at once.")
+    max_batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest wait to fill a batch.")
+    enqueue_chunk: int = Field(32, ge=1, le=1024, description="Items per queued message.")
+    tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads per worker; 0 = all cores.")
+    visibility_timeout_s: int = Field(
+        300, ge=10, description="Seconds before Redis redelivers a message a dead worker held."
+    )
+
+    # Intake limits: every one of them bounds what a client can make us store or expand.
+    max_request_bytes: int = Field(512 * MIB, ge=1, description="Largest upload body per request.")
+    max_archive_entries: int = Field(20_000, ge=1, description="Most entries read from one archive.")
+    max_expanded_bytes: int = Field(2048 * MIB, ge=1, description="Most bytes expanded per request.")
+    max_scan_bytes: int = Field(64 * MIB, ge=1, description="Largest single scan file.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image (w*h).")
+    max_items_per_job: int = Field(20_000, ge=1, description="Most scans one job may hold.")
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Nightly scoring.
+    nightly_cron: str = Field("0 2 * * *", description="Crontab for the nightly inbox scan.")
+    reaper_interval_s: int = Field(60, ge=1, description="How often stranded items are re-queued.")
+    stale_after_s: int = Field(600, ge=10, description="A queued/running item older than this is re-queued.")
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.var_dir / "storage"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'brainscan.db').resolve()}"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.var_dir / "api-key"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
