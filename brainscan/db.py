@@ -165,7 +165,8 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    # Resolve before the cached get_engine: caching under None would pin the first URL forever.
+    return sessionmaker(bind=get_engine(url or get_settings().resolved_database_url), expire_on_commit=False)
 
 
 @contextmanager

@@ -40,6 +40,9 @@ class ModelCard(BaseModel):
     architecture: str = "resnet50"
     format: str = "savedmodel"  # savedmodel | tflite
     tflite_file: str | None = None  # a TFLite variant beside the SavedModel, if exported
+    # Other files that serve the same model, by variant ("tflite", "tflite-int8"): {"file": ..., and
+    # what `brainscan export` measured, e.g. max_abs_diff against the SavedModel, val_accuracy}.
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     data_fingerprint: str | None = None
     training: dict[str, Any] = Field(default_factory=dict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,11 @@ class Settings(BaseSettings):
     max_batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest wait to fill a batch.")
     enqueue_chunk: int = Field(32, ge=1, le=1024, description="Items per queued message.")
     tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads per worker; 0 = all cores.")
+    model_format: Literal["", "savedmodel", "tflite", "tflite-int8"] = Field(
+        "",
+        description="Which variant of the model to serve: the SavedModel, or a TFLite file written by "
+        "`brainscan export --tflite/--int8`; empty means the card's own format.",
+    )
     visibility_timeout_s: int = Field(
         300, ge=10, description="Seconds before Redis redelivers a message a dead worker held."
     )
@@ -52,6 +58,10 @@ class Settings(BaseSettings):
     nightly_cron: str = Field("0 2 * * *", description="Crontab for the nightly inbox scan.")
     reaper_interval_s: int = Field(60, ge=1, description="How often stranded items are re-queued.")
     stale_after_s: int = Field(600, ge=10, description="A queued/running item older than this is re-queued.")
+
+    # Worker reliability (see worker/tasks.py).
+    max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
+    db_retry_s: int = Field(300, ge=0, description="How long a worker keeps retrying a failed DB write.")
 
     @property
     def resolved_storage_dir(self) -> Path:

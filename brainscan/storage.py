@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +52,36 @@ class ScanStore:
             with open(path, "rb") as src:
                 self._write_atomically(target, lambda f: _copy(src, f))
         return sha256
+
+    def put_chunks(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Store a stream of chunks, hashing while writing; returns (sha256, size).
+
+        Nothing is held in memory beyond one chunk, so the caller bounds a stream simply by raising
+        from its iterator (the partial temporary file is removed and nothing is stored).
+        """
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            sha256 = digest.hexdigest()
+            target = self.path_for(sha256)
+            if target.exists():
+                Path(tmp).unlink()
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
+            return sha256, size
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def read(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()

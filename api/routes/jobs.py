@@ -1,0 +1,192 @@
+"""``/v1/jobs``: submit scans, poll a job, export its results. Thin: the work is in brainscan.intake."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import get_caller, get_session, get_settings, get_store
+from api.schemas import JobAccepted, JobList, JobOut, Problem
+from api.upload import MalformedUpload, UploadTooLarge, spool_multipart
+from brainscan import intake, results
+from brainscan.db import ApiKey, Job
+from brainscan.settings import Settings
+from brainscan.storage import ScanStore
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "JPEG/PNG scans, or .zip / .tar / .tar.gz archives of them.",
+                    },
+                    "callback_url": {"type": "string", "description": "http(s) URL called when done."},
+                },
+            }
+        }
+    },
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "Missing or invalid API key."},
+    503: {"model": Problem, "description": "Database unavailable; retry shortly."},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    openapi_extra={"requestBody": UPLOAD_BODY},
+    responses={
+        **ERRORS,
+        400: {"model": Problem, "description": "Malformed multipart body, or no files."},
+        413: {"model": Problem, "description": "Request body over the size cap; nothing stored."},
+    },
+)
+async def submit_job(
+    request: Request,
+    caller: ApiKey = Depends(get_caller),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+    store: ScanStore = Depends(get_store),
+) -> JSONResponse:
+    """Upload scans (multipart field `files`, repeatable). Stored first, then queued: answers 202."""
+    try:
+        form = await spool_multipart(
+            request, store.tmp_dir, settings.max_request_bytes, max_parts=settings.max_items_per_job
+        )
+    except UploadTooLarge as exc:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            detail=f"{exc}: the limit is {settings.max_request_bytes} bytes per request "
+            "(BRAINSCAN_MAX_REQUEST_BYTES); nothing was stored",
+        ) from None
+    except MalformedUpload as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from None
+    try:
+        if not form.files:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                detail="no files: send one or more multipart fields named 'files'",
+            )
+        callback_url = _callback_url(form.fields.get("callback_url"))
+        try:
+            submitted = await run_in_threadpool(
+                intake.submit_job,
+                session,
+                store,
+                intake.IntakeLimits.from_settings(settings),
+                caller.id,
+                [(spooled.path, spooled.filename) for spooled in form.files],
+                callback_url=callback_url,
+            )
+        except OSError as exc:
+            log.error("storage failed during intake: %s", type(exc).__name__)
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, detail="scan storage unavailable, retry shortly"
+            ) from None
+    finally:
+        form.cleanup()
+    job = submitted.job
+    status_url = str(request.url_for("get_job", job_id=job.id))
+    body = {
+        "id": job.id,
+        "status": job.status,
+        "total": job.total,
+        "failed": job.failed,
+        "enqueued": submitted.enqueued,
+        "status_url": status_url,
+    }
+    return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED, headers={"Location": status_url})
+
+
+def _callback_url(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or len(value) > 2000:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="callback_url must be an http(s) URL")
+    return value
+
+
+def _own_job(session: Session, caller: ApiKey, job_id: str) -> Job:
+    job = session.get(Job, job_id) if len(job_id) <= 64 else None
+    # Another key's job is "not found", not "forbidden": ids of others' jobs are not confirmed.
+    if job is None or job.owner_key_id != caller.id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="job not found")
+    return job
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+def list_jobs(
+    offset: int = Query(0, ge=0, le=10**9),
+    limit: int = Query(50, ge=1, le=1000),
+    caller: ApiKey = Depends(get_caller),
+    session: Session = Depends(get_session),
+) -> dict[str, Any]:
+    """The caller's jobs, newest first."""
+    return results.list_jobs(session, caller.id, offset, limit)
+
+
+@router.get(
+    "/{job_id}",
+    name="get_job",
+    response_model=JobOut,
+    responses={**ERRORS, 404: {"model": Problem, "description": "No such job for this key."}},
+)
+def get_job(
+    job_id: str,
+    offset: int = Query(0, ge=0, le=10**9, description="First item to return (upload order)."),
+    limit: int = Query(100, ge=0, le=1000, description="Items per page; 0 for counts only."),
+    caller: ApiKey = Depends(get_caller),
+    session: Session = Depends(get_session),
+) -> dict[str, Any]:
+    """A job's status, counts and one page of its items."""
+    return results.job_to_dict(session, _own_job(session, caller, job_id), offset, limit)
+
+
+@router.get(
+    "/{job_id}/results.csv",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {"content": {"text/csv": {}}, "description": "One row per item."},
+        404: {"model": Problem, "description": "No such job for this key."},
+    },
+)
+def job_results_csv(
+    request: Request,
+    job_id: str,
+    caller: ApiKey = Depends(get_caller),
+    session: Session = Depends(get_session),
+) -> StreamingResponse:
+    """Every item of the job as CSV, streamed."""
+    job = _own_job(session, caller, job_id)
+    sessions = request.app.state.sessions
+
+    def rows():  # type: ignore[no-untyped-def]
+        # Its own session: the request's is closed once the response starts streaming.
+        with sessions() as stream_session:
+            yield from results.iter_csv(stream_session, job.id)
+
+    return StreamingResponse(
+        rows(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{job.id}.csv"'},
+    )

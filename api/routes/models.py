@@ -1,0 +1,52 @@
+"""``/v1/models``: which model the workers serve, from its card."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, status
+
+from api.deps import get_caller, get_settings
+from api.schemas import Problem, ServedModel
+from brainscan.db import ApiKey
+from brainscan.modelrepo import ModelNotFound, resolve_model
+from brainscan.settings import Settings
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get(
+    "",
+    response_model=ServedModel,
+    responses={
+        401: {"model": Problem, "description": "Missing or invalid API key."},
+        503: {"model": Problem, "description": "No model to serve."},
+    },
+)
+def served_model(
+    _caller: ApiKey = Depends(get_caller), settings: Settings = Depends(get_settings)
+) -> dict[str, Any]:
+    """The model being served: name, version, classes, input contract and metrics."""
+    try:
+        ref = resolve_model(settings.model_dir, settings.model_name, settings.model_version)
+    except (ModelNotFound, OSError, ValueError) as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+    card = ref.card
+    spec = card.input_spec
+    return {
+        "name": card.name,
+        "version": card.version,
+        "classes": list(card.classes),
+        "input": {
+            "height": spec.height,
+            "width": spec.width,
+            "channels": spec.channels,
+            "preprocessing": spec.preprocessing,
+            "crop": spec.crop,
+        },
+        "architecture": card.architecture,
+        "format": card.format,
+        "card_less": card.card_less,
+        "metrics": card.metrics,
+        "created_at": card.created_at,
+    }

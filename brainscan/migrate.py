@@ -1,0 +1,48 @@
+"""Run the Alembic migrations in ``migrations/`` (``brainscan db upgrade``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from brainscan.settings import get_settings
+
+
+def migrations_dir() -> Path:
+    # The repository's folder (editable installs, the Docker image's WORKDIR), else the cwd's.
+    for candidate in (Path(__file__).resolve().parents[1] / "migrations", Path.cwd() / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError("migrations/ not found: run from the brainscan checkout (or its image's /app)")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    # ConfigParser interpolation: a '%' in a password must be doubled.
+    config.set_main_option("sqlalchemy.url", (url or get_settings().resolved_database_url).replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Create or update the schema; also creates the SQLite file's folder."""
+    url = url or get_settings().resolved_database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), revision)
+
+
+def current(url: str | None = None) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    from brainscan.db import make_engine
+
+    engine = make_engine(url or get_settings().resolved_database_url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,73 @@
+"""Small real SavedModels for tests: built with Keras, exported with ``model.export``, plus a card.
+
+Imported lazily by fixtures (TensorFlow is slow to import); every model is deterministic (seeded).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from brainscan.modelrepo import ModelCard
+
+TINY_SIZE = 32
+
+
+def build_tiny_model(
+    folder: Path,
+    *,
+    name: str = "tiny",
+    version: str = "1",
+    size: int = TINY_SIZE,
+    channels: int = 3,
+    preprocessing: str = "resnet50",
+    seed: int = 0,
+    card: bool = True,
+) -> Path:
+    """A 32x32 conv net (a few thousand weights) exported to ``folder`` with a model card."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, channels))
+    x = keras.layers.Rescaling(1.0 / 128.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model.export(str(folder), verbose=False)
+    if card:
+        ModelCard(
+            name=name,
+            version=version,
+            input_size=(size, size),
+            channels=channels,
+            preprocessing=preprocessing,  # type: ignore[arg-type]
+            architecture="tiny-cnn",
+            metrics={"note": "random weights, tests only"},
+        ).write(folder)
+    return folder
+
+
+def build_original_resnet50(folder: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Exactly the original project's architecture (random weights), exported card-less.
+
+    Returns the Keras model so the test can compare ``model.predict`` with the worker.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(224, 224, 3))
+    x = keras.layers.Flatten()(base.output)
+    x = keras.layers.Dense(512, activation="relu")(x)
+    x = keras.layers.Dropout(0.5)(x)
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    model = keras.Model(base.input, outputs)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model.export(str(folder), verbose=False)
+    return model

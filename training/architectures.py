@@ -1,0 +1,117 @@
+"""Model builders and augmentation, in plain Keras 3 (no TensorFlow calls: backend-agnostic).
+
+- ``build_resnet50``: the original project's network, exactly: ResNet50 (include_top=False) ->
+  Flatten -> Dense 512 relu -> Dropout 0.5 -> Dense 4 softmax, fed ``resnet50.preprocess_input`` pixels.
+- ``build_compact``: brainscan's default, a narrow residual net for single-channel, head-cropped
+  scans that trains from scratch on a 2-core CPU. It owns its input scaling (``preprocessing: none``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+from brainscan import CLASSES
+
+
+def build_resnet50(weights: str | None, input_size: int = 224) -> tuple[keras.Model, keras.Model]:
+    """(model, backbone). ``weights``: "imagenet", None, or a path to a weights file for the backbone."""
+    backbone = keras.applications.ResNet50(
+        include_top=False, weights=weights, input_shape=(input_size, input_size, 3)
+    )
+    inputs = keras.Input((input_size, input_size, 3), name="keras_tensor")
+    x = backbone(inputs)
+    x = layers.Flatten()(x)
+    x = layers.Dense(512, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(len(CLASSES), activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="resnet50_brainscan"), backbone
+
+
+def set_resnet50_stage(backbone: keras.Model, stage: int, unfrozen_layers: int = 40) -> None:
+    """Stage 1: backbone frozen. Stage 2: its last ``unfrozen_layers`` trainable, BatchNorm kept frozen."""
+    backbone.trainable = stage == 2
+    if stage == 2:
+        for layer in backbone.layers[:-unfrozen_layers]:
+            layer.trainable = False
+        for layer in backbone.layers[-unfrozen_layers:]:
+            layer.trainable = not isinstance(layer, layers.BatchNormalization)
+
+
+@dataclass(frozen=True)
+class CompactShape:
+    widths: tuple[int, ...] = (32, 64, 128, 256)  # channels of the four stages
+    blocks: tuple[int, ...] = (1, 2, 2, 1)  # residual blocks per stage
+    stem_width: int = 24
+    dropout: float = 0.2
+
+
+def _residual_block(x, width: int, stride: int, name: str):  # type: ignore[no-untyped-def]
+    shortcut = x
+    if stride != 1 or x.shape[-1] != width:
+        # Average-pool then 1x1 conv (ResNet-D): downsampling without throwing away 3/4 of the pixels.
+        if stride != 1:
+            shortcut = layers.AveragePooling2D(stride, padding="same", name=f"{name}_pool")(shortcut)
+        shortcut = layers.Conv2D(width, 1, use_bias=False, name=f"{name}_proj")(shortcut)
+        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    # Zero-initialised last BatchNorm: each block starts as identity, which steadies early training.
+    y = layers.BatchNormalization(gamma_initializer="zeros", name=f"{name}_bn2")(y)
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def build_compact(input_size: int, channels: int = 1, shape: CompactShape | None = None) -> keras.Model:
+    shape = shape or CompactShape()
+    inputs = keras.Input((input_size, input_size, channels), name="pixels")  # uint8-range floats
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    x = layers.Conv2D(shape.stem_width, 3, strides=2, padding="same", use_bias=False, name="stem_conv1")(x)
+    x = layers.BatchNormalization(name="stem_bn1")(x)
+    x = layers.ReLU(name="stem_relu1")(x)
+    x = layers.Conv2D(shape.widths[0], 3, padding="same", use_bias=False, name="stem_conv2")(x)
+    x = layers.BatchNormalization(name="stem_bn2")(x)
+    x = layers.ReLU(name="stem_relu2")(x)
+    for stage, (width, blocks) in enumerate(zip(shape.widths, shape.blocks, strict=True)):
+        for block in range(blocks):
+            stride = 2 if block == 0 else 1
+            x = _residual_block(x, width, stride, name=f"stage{stage + 1}_block{block + 1}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(shape.dropout, name="dropout")(x)
+    outputs = layers.Dense(len(CLASSES), activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="brainscan_compact")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    rotation_degrees: float = 15.0
+    shift: float = 0.08
+    shear: float = 0.0
+    zoom: float = 0.12
+    horizontal_flip: bool = True
+    contrast: float = 0.15
+    brightness: float = 0.1
+
+
+def build_augmenter(aug: Augmentation, seed: int = 1337) -> keras.Sequential:
+    """Random geometry and intensity changes, applied to uint8-range pixels of a batch at train time."""
+    steps: list[layers.Layer] = []
+    if aug.horizontal_flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if aug.rotation_degrees:
+        steps.append(layers.RandomRotation(aug.rotation_degrees / 360.0, fill_mode="constant", seed=seed))
+    if aug.shear:
+        steps.append(layers.RandomShear(x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed))
+    if aug.zoom:
+        steps.append(layers.RandomZoom(aug.zoom, fill_mode="constant", seed=seed))
+    if aug.shift:
+        steps.append(layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed))
+    if aug.contrast:
+        steps.append(layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
+    if aug.brightness:
+        steps.append(layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
+    return keras.Sequential(steps, name="augment")

@@ -1,0 +1,128 @@
+"""Training recipes: every hyper-parameter named once, and the Keras objects built from them.
+
+Plain Keras 3 (backend-agnostic). ``RESNET50_RECIPE`` is the original project's two-stage fine-tune;
+``COMPACT_RECIPE`` is brainscan's default model, trained from scratch on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import keras
+
+from training.architectures import Augmentation, CompactShape, build_augmenter
+
+
+@dataclass(frozen=True)
+class Stage:
+    epochs: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    arch: str  # "compact" | "resnet50"
+    input_size: int
+    channels: int
+    crop: str  # "brain" | "none"
+    preprocessing: str  # "none" (the graph scales) | "resnet50" (caffe-style, outside the graph)
+    batch_size: int
+    stages: tuple[Stage, ...]
+    augmentation: Augmentation
+    optimizer: str = "adam"  # "adam" | "adamw"
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    cosine_decay: bool = False
+    label_smoothing: float = 0.0
+    ema_momentum: float | None = None  # evaluate and export an exponential moving average of weights
+    early_stopping_patience: int | None = None
+    validation_fraction: float = 0.15
+    split_seed: int = 1337
+    compact_shape: CompactShape = field(default_factory=CompactShape)
+    flip_averaging: bool = False  # average predictions over the scan and its mirror image
+
+    @property
+    def epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+
+RESNET50_RECIPE = Recipe(
+    arch="resnet50",
+    input_size=224,
+    channels=3,
+    crop="none",
+    preprocessing="resnet50",
+    batch_size=32,
+    # Stage 1: backbone frozen; stage 2: last 40 layers unfrozen, BatchNormalization kept frozen.
+    stages=(Stage(epochs=5, learning_rate=1e-4), Stage(epochs=15, learning_rate=1e-5)),
+    augmentation=Augmentation(
+        rotation_degrees=20, shift=0.2, shear=0.2, zoom=0.2, horizontal_flip=True, contrast=0, brightness=0
+    ),
+    optimizer="adam",
+)
+
+COMPACT_RECIPE = Recipe(
+    arch="compact",
+    input_size=128,
+    channels=1,
+    crop="brain",
+    preprocessing="none",
+    batch_size=32,
+    stages=(Stage(epochs=30, learning_rate=2e-3),),
+    augmentation=Augmentation(),
+    optimizer="adamw",
+    weight_decay=0.05,
+    warmup_epochs=2,
+    cosine_decay=True,
+    label_smoothing=0.1,
+    ema_momentum=0.998,
+    early_stopping_patience=None,  # a cosine schedule is meant to run to its end
+)
+
+RECIPES = {"compact": COMPACT_RECIPE, "resnet50": RESNET50_RECIPE}
+
+
+def with_overrides(recipe: Recipe, epochs: int | None = None, batch_size: int | None = None) -> Recipe:
+    """The recipe with its total epochs scaled (stages keep their proportions) or batch size changed."""
+    if epochs is not None:
+        scale = epochs / recipe.epochs
+        stages = [Stage(max(1, round(s.epochs * scale)), s.learning_rate) for s in recipe.stages]
+        recipe = replace(recipe, stages=tuple(stages))
+    if batch_size is not None:
+        recipe = replace(recipe, batch_size=batch_size)
+    return recipe
+
+
+def learning_rate_schedule(recipe: Recipe, stage: Stage, steps_per_epoch: int):  # type: ignore[no-untyped-def]
+    if not recipe.cosine_decay:
+        return stage.learning_rate
+    total_steps = stage.epochs * steps_per_epoch
+    # A short run (a smoke test) still warms up, over at most a quarter of its steps.
+    warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps // 4)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=stage.learning_rate * 0.01 if warmup_steps else stage.learning_rate,
+        decay_steps=max(1, total_steps - warmup_steps),
+        warmup_target=stage.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+        alpha=0.01,
+    )
+
+
+def make_optimizer(recipe: Recipe, stage: Stage, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    rate = learning_rate_schedule(recipe, stage, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": recipe.ema_momentum} if recipe.ema_momentum else {}
+    if recipe.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=recipe.weight_decay, **ema)
+    return keras.optimizers.Adam(learning_rate=rate, **ema)
+
+
+def make_loss(recipe: Recipe) -> keras.losses.Loss:
+    # Labels are one-hot so that label smoothing applies; the loss is what evaluate reports too.
+    return keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
+
+
+def training_model(model: keras.Model, recipe: Recipe, seed: int = 1337) -> keras.Model:
+    """``model`` behind the augmentation layers, which act only while training."""
+    inputs = keras.Input(model.input_shape[1:], name="train_pixels")
+    augmented = build_augmenter(recipe.augmentation, seed)(inputs)
+    return keras.Model(inputs, model(augmented), name=f"{model.name}_training")

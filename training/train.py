@@ -1,0 +1,232 @@
+"""``brainscan train``: from a folder of labelled scans to a served model, top to bottom.
+
+1. Decode every scan once with the serving code (cached), and split off a stratified validation set
+   in which exact and near-duplicate groups never straddle the split.
+2. Build the architecture and train it, stage by stage, with augmentation inside the training graph,
+   checkpointing the best epoch by validation accuracy and a resumable backup every epoch.
+3. Restore the best epoch, evaluate it on the validation split (and once on a test folder, if given),
+   export the SavedModel with its ``model.json`` card, and write the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from brainscan import CLASSES
+from brainscan.imaging import InputSpec, normalize
+from brainscan.modelrepo import ModelCard
+from training.data import class_counts, leak_free_split, load_scanset
+from training.recipe import RECIPES, Recipe, make_loss, make_optimizer, training_model, with_overrides
+
+
+def input_spec(recipe: Recipe) -> InputSpec:
+    return InputSpec(recipe.input_size, recipe.input_size, recipe.channels, recipe.preprocessing, recipe.crop)
+
+
+def to_dataset(pixels: np.ndarray, labels: np.ndarray, recipe: Recipe, shuffle: bool, seed: int):  # type: ignore[no-untyped-def]
+    """uint8 pixels -> batches of (float pixels, one-hot labels). Normalisation for the ResNet50 recipe
+    happens in the training graph after augmentation, so here pixels stay in the 0-255 range."""
+    import tensorflow as tf
+
+    one_hot = np.eye(len(CLASSES), dtype=np.float32)[labels]
+    dataset = tf.data.Dataset.from_tensor_slices((pixels, one_hot))
+    if shuffle:
+        dataset = dataset.shuffle(len(pixels), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(recipe.batch_size)
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def build_model(recipe: Recipe, weights: str | None):  # type: ignore[no-untyped-def]
+    """(served model, ResNet50 backbone or None). The served model takes ``preprocessing``-ready input."""
+    from training.architectures import build_compact, build_resnet50
+
+    if recipe.arch == "resnet50":
+        backbone_weights = None if weights in (None, "none") else weights
+        return build_resnet50(backbone_weights, recipe.input_size)
+    if weights not in (None, "none"):
+        raise ValueError("--weights applies to the resnet50 architecture only")
+    return build_compact(recipe.input_size, recipe.channels, recipe.compact_shape), None
+
+
+def with_input_normalisation(model, recipe: Recipe):  # type: ignore[no-untyped-def]
+    """For training: raw 0-255 pixels in, ``normalize`` (the serving function) applied in the graph."""
+    import keras
+
+    if recipe.preprocessing == "none":
+        return model
+    inputs = keras.Input(model.input_shape[1:], name="raw_pixels")
+    normalised = keras.layers.Lambda(lambda x: normalize(x, recipe.preprocessing), name="normalize")(inputs)
+    return keras.Model(inputs, model(normalised), name=f"{model.name}_raw")
+
+
+def predict_pixels(model, pixels: np.ndarray, recipe: Recipe, batch_size: int = 64) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Probabilities for uint8 pixels, through exactly the serving preprocessing."""
+    outputs = []
+    for start in range(0, len(pixels), batch_size):
+        batch = normalize(pixels[start : start + batch_size].astype(np.float32), recipe.preprocessing)
+        outputs.append(np.asarray(model(batch.astype(np.float32), training=False)))
+    return np.concatenate(outputs) if outputs else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def train(
+    data_dir: Path,
+    out_dir: Path,
+    arch: str = "compact",
+    weights: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    test_dir: Path | None = None,
+    cache_dir: Path | None = Path("var/cache"),
+    name: str | None = None,
+    version: str | None = None,
+    limit_per_class: int | None = None,
+    verbose: int | str = "auto",
+) -> ModelCard:
+    import keras
+
+    started = time.monotonic()
+    recipe = with_overrides(RECIPES[arch], epochs=epochs, batch_size=batch_size)
+    spec = input_spec(recipe)
+    out_dir = Path(out_dir)
+    checkpoints, reports = out_dir / "checkpoints", out_dir / "reports"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    reports.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(recipe.split_seed)
+
+    # 1. Data: decoded once by the serving code, split without leaks.
+    scans = load_scanset(Path(data_dir), spec, cache_dir)
+    if limit_per_class:
+        keep = np.zeros(len(scans.labels), dtype=bool)
+        for k in range(len(CLASSES)):
+            keep[np.flatnonzero(scans.labels == k)[:limit_per_class]] = True
+        scans = scans.subset(keep)
+    train_set, val_set = leak_free_split(scans, recipe.validation_fraction, recipe.split_seed)
+    print(f"data: {len(train_set.labels)} train / {len(val_set.labels)} validation scans "
+          f"(duplicate groups kept on one side), fingerprint {scans.fingerprint}", file=sys.stderr)
+    train_data = to_dataset(train_set.pixels, train_set.labels, recipe, shuffle=True, seed=recipe.split_seed)
+    val_data = to_dataset(val_set.pixels, val_set.labels, recipe, shuffle=False, seed=recipe.split_seed)
+    steps_per_epoch = int(np.ceil(len(train_set.labels) / recipe.batch_size))
+
+    # 2. Model and training, stage by stage.
+    model, backbone = build_model(recipe, weights)
+    trainable = training_model(with_input_normalisation(model, recipe), recipe, seed=recipe.split_seed)
+    best_weights = checkpoints / "best.weights.h5"
+    first_epoch = 0
+    for stage_index, stage in enumerate(recipe.stages, start=1):
+        if backbone is not None:
+            from training.architectures import set_resnet50_stage
+
+            set_resnet50_stage(backbone, stage_index)
+        trainable.compile(
+            optimizer=make_optimizer(recipe, stage, steps_per_epoch),
+            loss=make_loss(recipe),
+            metrics=["accuracy"],
+        )
+        callbacks: list = []
+        if recipe.ema_momentum:
+            # Validate and checkpoint the averaged weights: they are what gets exported.
+            callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        callbacks += [
+            keras.callbacks.BackupAndRestore(str(checkpoints / f"backup-stage{stage_index}")),
+            keras.callbacks.ModelCheckpoint(
+                str(best_weights), monitor="val_accuracy", mode="max", save_best_only=True,
+                save_weights_only=True, initial_value_threshold=_best_so_far(reports / "history.csv"),
+            ),
+            keras.callbacks.CSVLogger(str(reports / "history.csv"), append=True),
+        ]
+        if recipe.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=recipe.early_stopping_patience))
+        print(f"stage {stage_index}/{len(recipe.stages)}: {stage.epochs} epochs at learning rate "
+              f"{stage.learning_rate:g}", file=sys.stderr)
+        trainable.fit(
+            train_data, validation_data=val_data, initial_epoch=first_epoch,
+            epochs=first_epoch + stage.epochs, callbacks=callbacks, verbose=verbose,
+        )
+        first_epoch += stage.epochs
+    last_epoch_accuracy = _last_value(reports / "history.csv", "val_accuracy")
+
+    # 3. Best epoch -> evaluation -> export -> reports.
+    if best_weights.exists():
+        trainable.load_weights(str(best_weights))
+    from training.evaluate import classification_metrics
+    from training.reports import plot_history, write_evaluation
+
+    val_metrics = classification_metrics(predict_pixels(model, val_set.pixels, recipe), val_set.labels)
+    write_evaluation(val_metrics, reports, "validation", f"{arch} on the leak-free validation split")
+    plot_history(reports / "history.csv", reports / "curves.png")
+    metrics = {
+        "val_accuracy": val_metrics["accuracy"],
+        "val_loss": val_metrics["loss"],
+        "val_n": val_metrics["n"],
+        "val_accuracy_last_epoch": last_epoch_accuracy,
+    }
+    if test_dir:
+        # Touched once, at the very end: never used to choose anything.
+        test_scans = load_scanset(Path(test_dir), spec, cache_dir)
+        test_metrics = classification_metrics(predict_pixels(model, test_scans.pixels, recipe), test_scans.labels)
+        write_evaluation(test_metrics, reports, "test", f"{arch} on {test_dir}")
+        metrics.update(test_accuracy=test_metrics["accuracy"], test_loss=test_metrics["loss"], test_n=test_metrics["n"])
+
+    model.export(str(out_dir), format="tf_saved_model", verbose=False)
+    wall_seconds = round(time.monotonic() - started, 1)
+    card = ModelCard(
+        name=name or out_dir.parent.name,
+        version=version or out_dir.name,
+        classes=list(CLASSES),
+        input_size=(recipe.input_size, recipe.input_size),
+        channels=recipe.channels,
+        preprocessing=recipe.preprocessing,  # type: ignore[arg-type]
+        crop=recipe.crop,  # type: ignore[arg-type]
+        architecture=arch,
+        metrics=metrics,
+        data_fingerprint=scans.fingerprint,
+        training={
+            "data_dir": str(data_dir),
+            "train_counts": class_counts(train_set.labels),
+            "validation_counts": class_counts(val_set.labels),
+            "recipe": _jsonable(asdict(recipe)),
+            "weights": weights or "none",
+            "parameters": int(model.count_params()),
+            "wall_seconds": wall_seconds,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    card.write(out_dir)
+    (reports / "split.json").write_text(json.dumps({"validation": val_set.paths}, indent=1) + "\n")
+    return card
+
+
+def _best_so_far(history_csv: Path) -> float | None:
+    """On resume, the best validation accuracy already checkpointed, so it is not overwritten by worse."""
+    value = _column(history_csv, "val_accuracy")
+    return max(value) if value else None
+
+
+def _last_value(history_csv: Path, column: str) -> float | None:
+    value = _column(history_csv, column)
+    return value[-1] if value else None
+
+
+def _column(history_csv: Path, column: str) -> list[float]:
+    import csv
+
+    if not history_csv.exists():
+        return []
+    with open(history_csv) as f:
+        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+
+
+def _jsonable(value):  # type: ignore[no-untyped-def]
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,81 @@
+"""The one Celery app. Its configuration is data, in one place, read from ``brainscan.settings``.
+
+This module stays light (no TensorFlow): the API imports it to publish work. The worker imports
+``worker.tasks`` (via ``include``), which loads the model only inside a worker process.
+
+Delivery semantics: ``acks_late`` + ``reject_on_worker_lost`` give at-least-once processing; the
+tasks make it exactly-once in the database (guarded UPDATEs). With Redis as broker, a message that a
+dead worker held is redelivered after ``visibility_timeout``; Kombu's default is one hour, we use
+``settings.visibility_timeout_s`` (5 minutes) so a crash costs minutes, not an hour. It must stay
+longer than the longest batch, or a live worker's messages would be redelivered under it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from brainscan.settings import Settings, get_settings
+
+SCORE_TASK = "brainscan.score_items"
+REAP_TASK = "brainscan.reap"
+QUEUE = "brainscan"
+
+
+def celery_config(settings: Settings) -> dict:
+    # A worker must be able to buffer a full batch of one-item messages (single-scan jobs), so its
+    # prefetch window is counted in messages: two batches' worth, one scoring and one filling.
+    # Kombu's Redis transport pulls one message per poll and the batch flushes as soon as enough
+    # *items* are buffered (worker/tasks.py), so big chunked jobs are not hoarded by one worker.
+    prefetch = max(4, 2 * settings.batch_size)
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # workers wait for a restarted Redis forever
+        "broker_connection_timeout": 3,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Kombu sweeps for expired unacked messages every interval*throttle seconds (100 s by
+            # default); sweep often enough that recovery is about visibility_timeout, not more.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 5)),
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 3,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
+            "health_check_interval": 10,
+        },
+        "broker_heartbeat": 0,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": prefetch,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": QUEUE,
+        "task_routes": {SCORE_TASK: {"queue": QUEUE}, REAP_TASK: {"queue": QUEUE}},
+        "worker_hijack_root_logger": True,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": {
+            "reap-stranded-items": {
+                "task": REAP_TASK,
+                "schedule": float(settings.reaper_interval_s),
+                # A reaper run that waited longer than an interval is superseded by the next one.
+                "options": {"expires": float(settings.reaper_interval_s)},
+            }
+        },
+    }
+
+
+def create_app(settings: Settings | None = None, set_as_current: bool = True) -> Celery:
+    celery_app = Celery("brainscan", include=["worker.tasks"], set_as_current=set_as_current)
+    celery_app.conf.update(celery_config(settings or get_settings()))
+    return celery_app
+
+
+app = create_app()
