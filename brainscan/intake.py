@@ -3,7 +3,10 @@
 The API, the nightly inbox scan and tests all go through here. The rules:
 
 * The type of a file comes from its bytes, never its name. JPEG and PNG are scans; ZIP, TAR and
-  gzip-compressed TAR are archives of scans; anything else becomes a failed item with the reason.
+  gzip-compressed TAR are archives of scans; DICOM and NIfTI (``.nii``, ``.nii.gz``) files, alone
+  or inside archives, are converted here into one 8-bit PNG per frame or axial slice
+  (:mod:`brainscan.scanners`; the original scanner bytes are never stored); anything else becomes a
+  failed item with the reason.
 * Archives are read as streams, member by member. Nothing is ever extracted to a path: a member's
   name (``../../etc/passwd``, ``/abs``, control characters) is display data only, and each scan is
   stored under its SHA-256 by :class:`~brainscan.storage.ScanStore`.
@@ -30,6 +33,7 @@ import logging
 import os
 import struct
 import tarfile
+import tempfile
 import unicodedata
 import warnings
 import zipfile
@@ -43,6 +47,7 @@ from typing import BinaryIO, Literal
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from brainscan import scanners
 from brainscan.db import Item, ItemStatus, Job, JobStatus
 from brainscan.settings import Settings
 from brainscan.storage import ScanStore
@@ -61,6 +66,7 @@ MAX_CENTRAL_DIRECTORY_BYTES = 64 * 1024 * 1024
 # tarfile reads a pax or GNU long-name header in one read(); a real one is a few hundred bytes.
 MAX_TAR_HEADER_READ = 8 * 1024 * 1024
 OS_METADATA_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+SUPPORTED = "send JPEG, PNG, DICOM or NIfTI scans, or zip/tar archives of them"
 
 # Other formats we can name in the error, so that a client learns what it actually sent.
 _KNOWN_UNSUPPORTED = (
@@ -74,7 +80,6 @@ _KNOWN_UNSUPPORTED = (
     (0, b"\xfd7zXZ\x00", "xz"),
     (0, b"7z\xbc\xaf\x27\x1c", "7z"),
     (0, b"Rar!", "RAR"),
-    (128, b"DICM", "DICOM"),
     (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
 )
 
@@ -110,8 +115,8 @@ def describe_unsupported(head: bytes) -> str:
         return "empty file"
     for offset, magic, name in _KNOWN_UNSUPPORTED:
         if head[offset : offset + len(magic)] == magic:
-            return f"unsupported file type ({name}): send JPEG or PNG scans, or zip/tar archives of them"
-    return "unsupported file type: send JPEG or PNG scans, or zip/tar archives of them"
+            return f"unsupported file type ({name}): {SUPPORTED}"
+    return f"unsupported file type: {SUPPORTED}"
 
 
 def sanitize_filename(name: str | bytes | None) -> str:
@@ -234,7 +239,10 @@ class Intake:
             with open(path, "rb") as f:
                 head = f.read(HEAD_BYTES)
                 kind = sniff(head)
-                if kind in SCAN_KINDS:
+                scanner = scanners.sniff_scanner(head) if kind in (None, "gzip") else None
+                if scanner is not None:
+                    self._add_scanner_file(name, scanner, head, f, path=path, budgeted=False)
+                elif kind in SCAN_KINDS:
                     self._add_scan(name, head, f, budgeted=False)
                 elif kind == "zip":
                     self._add_zip(name, f)
@@ -306,6 +314,85 @@ class Intake:
             )
         return None
 
+    # -- scanner files (DICOM, NIfTI) ----------------------------------------------------------------
+
+    def _add_scanner_file(
+        self,
+        name: str,
+        kind: scanners.ScannerKind,
+        head: bytes,
+        rest: BinaryIO,
+        *,
+        path: Path | None,
+        budgeted: bool,
+    ) -> None:
+        """Convert a DICOM/NIfTI file into one stored PNG item per frame or axial slice.
+
+        Only the derived pixels are stored: the file itself is read from ``path`` (an upload already
+        spooled to disk) or from a temporary copy under the store's tmp dir, deleted afterwards.
+        Every frame or slice is one item (``max_items_per_job``); a ``.nii.gz`` is decompressed to
+        disk with every decompressed byte counted against ``max_expanded_bytes``.
+        """
+        limit = self.limits.max_scan_bytes
+        temps: list[Path] = []
+        try:
+            if path is not None and path.stat().st_size > limit:
+                raise _ScanTooLarge
+            source = path if path is not None else self._spool(head, rest, budgeted, temps)
+            if kind == "nifti-gz":
+                source = self._gunzip(source, temps)
+            if kind == "dicom":
+                derived = scanners.dicom_frames(
+                    source, max_image_pixels=self.limits.max_image_pixels, spend=self._spend
+                )
+            else:
+                derived = scanners.nifti_slices(source, max_image_pixels=self.limits.max_image_pixels)
+            with contextlib.closing(derived):
+                for scan in derived:
+                    self._reserve_item(name)
+                    sha256 = self.store.put_bytes(scan.png)
+                    self._record(IntakeEntry(name, sha256=sha256, size=len(scan.png), source_ref=scan.ref))
+        except _ScanTooLarge:
+            self._fail(name, f"scan larger than {limit} bytes (BRAINSCAN_MAX_SCAN_BYTES)")
+        except _ExpansionBudgetSpent:
+            self._fail(
+                name,
+                f"volume expands past {self.limits.max_expanded_bytes} bytes for this request "
+                "(BRAINSCAN_MAX_EXPANDED_BYTES); not read",
+            )
+        except scanners.VolumeError as exc:
+            self._fail(name, str(exc))
+        except (EOFError, zlib.error, OSError) as exc:
+            if _is_system_error(exc):
+                raise  # our disk, not the client's file
+            self._fail(name, f"corrupt gzip-compressed NIfTI: {_short(exc)}")
+        finally:
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+
+    def _temp_file(self, suffix: str, temps: list[Path]) -> tuple[int, Path]:
+        self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.store.tmp_dir, suffix=suffix)
+        temps.append(Path(name))
+        return fd, Path(name)
+
+    def _spool(self, head: bytes, rest: BinaryIO, budgeted: bool, temps: list[Path]) -> Path:
+        """Copy an archive member to a temporary file (pydicom and nibabel read from disk)."""
+        fd, path = self._temp_file(".bin", temps)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in self._bounded(head, rest, self.limits.max_scan_bytes, budgeted):
+                out.write(chunk)
+        return path
+
+    def _gunzip(self, source: Path, temps: list[Path]) -> Path:
+        """Decompress a .nii.gz to a temporary .nii, counting every byte against the budget."""
+        fd, path = self._temp_file(".nii", temps)
+        with os.fdopen(fd, "wb") as out, gzip.open(source, "rb") as compressed:
+            while chunk := compressed.read(CHUNK):
+                self._spend(len(chunk))
+                out.write(chunk)
+        return path
+
     # -- archives ----------------------------------------------------------------------------------
 
     def _add_member(self, archive: str, member: str, reader: BinaryIO) -> None:
@@ -313,7 +400,10 @@ class Intake:
         name = _member_name(archive, member)
         head = _read_head(reader, self)
         kind = sniff(head)
-        if kind in SCAN_KINDS:
+        scanner = scanners.sniff_scanner(head) if kind in (None, "gzip") else None
+        if scanner is not None:
+            self._add_scanner_file(name, scanner, head, reader, path=None, budgeted=True)
+        elif kind in SCAN_KINDS:
             self._add_scan(name, head, reader, budgeted=True)
         elif kind in ARCHIVE_KINDS:
             self._fail(name, "nested archive not supported: put scans directly in the archive")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,7 +48,9 @@ class Scorer(Protocol):
 def class_order(card: ModelCard) -> np.ndarray:
     """Column permutation from the card's class order to ``CLASSES``."""
     if sorted(card.classes) != sorted(CLASSES):
-        raise ModelNotFound(f"model {card.name}/{card.version} classes {card.classes} are not {list(CLASSES)}")
+        raise ModelNotFound(
+            f"model {card.name}/{card.version} classes {card.classes} are not {list(CLASSES)}"
+        )
     return np.asarray([card.classes.index(name) for name in CLASSES])
 
 
@@ -56,8 +59,10 @@ def _check_batch(batch: np.ndarray, card: ModelCard) -> np.ndarray:
     spec = card.input_spec
     expected = (spec.height, spec.width, spec.channels)
     if batch.ndim != 4 or batch.shape[1:] != expected:
-        raise ValueError(f"model {card.name}/{card.version} takes [n, {', '.join(map(str, expected))}] "
-                         f"input, got shape {list(batch.shape)}")
+        raise ValueError(
+            f"model {card.name}/{card.version} takes [n, {', '.join(map(str, expected))}] "
+            f"input, got shape {list(batch.shape)}"
+        )
     return batch
 
 
@@ -90,7 +95,9 @@ def serving_signature(module: Any) -> tuple[Any, str, str]:
             function = signatures[key]
             break
     else:
-        raise ModelNotFound(f"SavedModel has no 'serve' or 'serving_default' signature (has {list(signatures)})")
+        raise ModelNotFound(
+            f"SavedModel has no 'serve' or 'serving_default' signature (has {list(signatures)})"
+        )
     _, kwargs = function.structured_input_signature
     if len(kwargs) != 1:
         raise ModelNotFound(f"the serving signature must take one input, it takes {sorted(kwargs)}")
@@ -101,7 +108,9 @@ def serving_signature(module: Any) -> tuple[Any, str, str]:
     elif len(outputs) == 1:
         output_name = next(iter(outputs))
     else:
-        raise ModelNotFound(f"the serving signature has several outputs and none is output_0: {sorted(outputs)}")
+        raise ModelNotFound(
+            f"the serving signature has several outputs and none is output_0: {sorted(outputs)}"
+        )
     return function, input_name, output_name
 
 
@@ -182,26 +191,36 @@ class TFLiteScorer:
             # An int8 softmax is exact to 1/256 only: renormalise so rows are distributions again.
             probabilities = np.clip(probabilities, 0.0, None)
             total = probabilities.sum(axis=1, keepdims=True)
-            probabilities = np.divide(probabilities, total, out=np.full_like(probabilities, 0.25),
-                                      where=total > 0)
+            probabilities = np.divide(
+                probabilities, total, out=np.full_like(probabilities, 0.25), where=total > 0
+            )
         return probabilities[:, self.order].astype(np.float32)
 
 
-def load_tflite(path: Path, card: ModelCard, num_threads: int | None = None, variant: str = "tflite") -> TFLiteScorer:
+def load_tflite(
+    path: Path, card: ModelCard, num_threads: int | None = None, variant: str = "tflite"
+) -> TFLiteScorer:
     if not Path(path).is_file():
         raise ModelNotFound(f"no TFLite file {path}")
     threads = num_threads if num_threads and num_threads > 0 else (os.cpu_count() or 1)
-    interpreter = tflite_interpreter_class()(model_path=str(path), num_threads=threads)
+    with warnings.catch_warnings():
+        # tf.lite.Interpreter warns that it moves to ai_edge_litert; it works, and is what TF 2.21 has.
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = tflite_interpreter_class()(model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelNotFound(f"{path}: a TFLite model with one input and one output expected, "
-                            f"got {len(inputs)} and {len(outputs)}")
+        raise ModelNotFound(
+            f"{path}: a TFLite model with one input and one output expected, "
+            f"got {len(inputs)} and {len(outputs)}"
+        )
     shape = tuple(int(d) for d in inputs[0]["shape"][1:])
     spec = card.input_spec
     if shape != (spec.height, spec.width, spec.channels):
-        raise ModelNotFound(f"{path}: input shape {shape} does not match the card's "
-                            f"{(spec.height, spec.width, spec.channels)}")
+        raise ModelNotFound(
+            f"{path}: input shape {shape} does not match the card's "
+            f"{(spec.height, spec.width, spec.channels)}"
+        )
     card = card.model_copy(update={"format": "tflite", "tflite_file": Path(path).name})
     return TFLiteScorer(card, Path(path), interpreter, class_order(card), variant=variant)
 
@@ -215,8 +234,10 @@ def variant_file(ref: ModelRef, variant: str) -> Path:
     path = ref.path / (name or DEFAULT_VARIANT_FILES[variant])
     if not path.is_file():
         flag = "--int8 --representative DIR" if variant == "tflite-int8" else "--tflite"
-        raise ModelNotFound(f"model {card.name}/{card.version} has no {variant} variant ({path} is missing): "
-                            f"run `brainscan export --model {ref.path} {flag}`")
+        raise ModelNotFound(
+            f"model {card.name}/{card.version} has no {variant} variant ({path} is missing): "
+            f"run `brainscan export --model {ref.path} {flag}`"
+        )
     return path
 
 
@@ -258,5 +279,7 @@ def load_scorer(
 
 def predict_in_batches(scorer: Scorer, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Probabilities for any number of float32 inputs, ``batch_size`` at a time."""
-    outputs = [scorer.predict(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)]
+    outputs = [
+        scorer.predict(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)
+    ]
     return np.concatenate(outputs) if outputs else np.zeros((0, len(CLASSES)), np.float32)

@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
     db_retry_s: int = Field(300, ge=0, description="How long a worker keeps retrying a failed DB write.")
 
+    # Observability (see brainscan/logs.py, api/routes/metrics.py, brainscan/webhooks.py).
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or text.")
+    log_level: str = Field("INFO", description="Log level of the API and workers.")
+    metrics_latency_window: int = Field(
+        1000, ge=1, le=100_000, description="Latest finished items the /metrics stage latencies cover."
+    )
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries of a job's callback_url.")
+    webhook_backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles each retry.")
+
     @property
     def resolved_storage_dir(self) -> Path:
         return self.storage_dir or self.var_dir / "storage"

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,8 @@ def group_split(
 
     Groups are shuffled deterministically and taken into validation until each class reaches its share.
     A group is filed under its most common label (mixed-label groups are rare: label noise in the source).
+    Every class with at least two images gets at least one validation image when its groups allow it
+    while leaving one for training (a tiny dataset would otherwise validate on nothing).
     """
     by_group: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
@@ -134,6 +138,16 @@ def group_split(
     for g in order:
         label = group_label[g]
         if taken[label] + len(by_group[g]) <= target[label] + 0.5:
+            is_validation[by_group[g]] = True
+            taken[label] += len(by_group[g])
+    counts = Counter(labels)
+    for label, n in counts.items():
+        if taken[label] or n < 2 or validation_fraction <= 0:
+            continue
+        # The smallest of the class's groups (first in the shuffled order on ties) that leaves training data.
+        candidates = [g for g in order if group_label[g] == label and len(by_group[g]) < n]
+        if candidates:
+            g = min(candidates, key=lambda g: len(by_group[g]))
             is_validation[by_group[g]] = True
             taken[label] += len(by_group[g])
     return is_validation
@@ -169,3 +183,118 @@ class AuditReport:
                 f"{self.across['near']} near-duplicate images of it also in {self.root}"
             )
         return "\n".join(lines)
+
+
+def _hash_file(path: str) -> tuple[str, str] | str:
+    """(SHA-256, dHash) of one file, or the reason it cannot be read as an image."""
+    try:
+        return hash_bytes(Path(path).read_bytes())
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for broken files
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _audit_listing(root: Path) -> list[tuple[Path, str]]:
+    """``list_images`` plus images lying directly in ``root`` (label ""): a flat folder audits too."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    flat = [(p, "") for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return flat + list_images(root)
+
+
+def hash_folder(root: Path, workers: int | None = None, description: str | None = None) -> dict:
+    """Hash every image under ``root``, with a progress bar.
+
+    Returns {"paths", "labels", "sha256", "dhash", "unreadable"}.
+
+    Files that do not decode are listed under "unreadable" (path, reason) and left out of the rest.
+    """
+    from rich.progress import track
+
+    listing = _audit_listing(root)
+    paths = [str(p) for p, _ in listing]
+    workers = workers or os.cpu_count() or 1
+    description = description or f"hashing {Path(root).name}"
+    if workers == 1 or len(paths) < 64:
+        results = list(
+            track(map(_hash_file, paths), total=len(paths), description=description, transient=True)
+        )
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(track(pool.map(_hash_file, paths, chunksize=32), total=len(paths),
+                                 description=description, transient=True))
+    out: dict = {"paths": [], "labels": [], "sha256": [], "dhash": [], "unreadable": []}
+    for (path, label), result in zip(listing, results, strict=True):
+        relative = str(path.relative_to(root))
+        if isinstance(result, str):
+            out["unreadable"].append({"path": relative, "reason": result})
+            continue
+        out["paths"].append(relative)
+        out["labels"].append(label)
+        out["sha256"].append(result[0])
+        out["dhash"].append(result[1])
+    return out
+
+
+def audit_folder(
+    root: Path,
+    against: Path | None = None,
+    max_bits: int = NEAR_DUPLICATE_BITS,
+    workers: int | None = None,
+    max_examples: int = 20,
+) -> AuditReport:
+    """Exact and near-duplicate groups within ``root``; with ``against``, which of its images have an
+    exact or near copy in ``root`` (the leak check for a test folder against a training folder)."""
+    hashed = hash_folder(Path(root), workers)
+    paths, labels, sha256s, dhashes = hashed["paths"], hashed["labels"], hashed["sha256"], hashed["dhash"]
+    report = AuditReport(root=str(root), images=len(paths), threshold_bits=max_bits)
+
+    copies = Counter(sha256s)
+    report.exact_duplicate_groups = sum(1 for n in copies.values() if n > 1)
+    report.exact_duplicate_extra_copies = sum(n - 1 for n in copies.values() if n > 1)
+    pairs = near_pairs(dhashes, max_bits)
+    report.near_duplicate_pairs = sum(1 for i, j, _ in pairs if sha256s[i] != sha256s[j])
+
+    groups = duplicate_groups(sha256s, dhashes, max_bits)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    duplicated = [m for m in members.values() if len(m) > 1]
+    report.images_in_duplicate_groups = sum(len(m) for m in duplicated)
+    report.groups_with_conflicting_labels = sum(1 for m in duplicated if len({labels[i] for i in m}) > 1)
+    # Largest groups first, conflicting labels before agreeing ones: the examples worth a look.
+    duplicated.sort(key=lambda m: (len({labels[i] for i in m}) == 1, -len(m), m[0]))
+    for m in duplicated[:max_examples]:
+        report.examples.append({
+            "files": [paths[i] for i in m],
+            "labels": sorted({labels[i] for i in m}),
+            "exact": len({sha256s[i] for i in m}) == 1,
+        })
+    if hashed["unreadable"]:
+        report.examples.append({"unreadable": hashed["unreadable"][:max_examples]})
+
+    if against is not None:
+        other = hash_folder(Path(against), workers)
+        known = set(sha256s)
+        exact = [k for k, digest in enumerate(other["sha256"]) if digest in known]
+        close: dict[int, tuple[int, int]] = {}
+        for j, i, distance in near_pairs(other["dhash"], max_bits, other=dhashes):
+            if j not in close or distance < close[j][1]:
+                close[j] = (i, distance)
+        exact_set = set(exact)
+        near = sorted(j for j in close if j not in exact_set)
+        examples = []
+        for j in sorted(exact_set | set(near))[:max_examples]:
+            i = close[j][0] if j in close else sha256s.index(other["sha256"][j])
+            examples.append({"file": other["paths"][j], "label": other["labels"][j],
+                             "copy_in_root": paths[i], "root_label": labels[i], "exact": j in exact_set})
+        report.across = {
+            "root": str(against),
+            "images": len(other["paths"]),
+            "exact": len(exact),
+            "near": len(near),
+            "either": len(exact_set | set(near)),
+            "files": [other["paths"][j] for j in sorted(exact_set | set(near))],
+            "examples": examples,
+        }
+    return report

@@ -83,9 +83,15 @@ def load_scanset(root: Path, spec: InputSpec, cache_dir: Path | None, workers: i
 
     workers = workers or os.cpu_count() or 1
     jobs = [(str(p), spec) for p, _ in images]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        decoded = list(track(pool.map(_decode_one, jobs, chunksize=32), total=len(jobs),
-                             description=f"decoding {root.name}", transient=True))
+    if workers == 1 or len(jobs) < 64:
+        # A small folder decodes faster in-process than a pool starts, and does not fork a process
+        # that may already run TensorFlow's threads (evaluate, tests).
+        decoded = list(track(map(_decode_one, jobs), total=len(jobs), description=f"decoding {root.name}",
+                             transient=True))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            decoded = list(track(pool.map(_decode_one, jobs, chunksize=32), total=len(jobs),
+                                 description=f"decoding {root.name}", transient=True))
     pixels = np.stack([d[0] for d in decoded])
     sha256 = [d[1] for d in decoded]
     dhash = [d[2] for d in decoded]

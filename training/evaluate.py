@@ -47,3 +47,21 @@ def classification_report(metrics: dict[str, Any]) -> str:
     lines += ["", "confusion matrix (rows: true, columns: predicted; order " + ", ".join(metrics["classes"]) + ")"]
     lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in metrics["confusion_matrix"]]
     return "\n".join(lines) + "\n"
+
+
+def evaluate_scorer(scorer: Any, pixels: np.ndarray, labels: Sequence[int], preprocessing: str,
+                    batch_size: int = 32) -> dict[str, Any]:
+    """Metrics of a ``brainscan.runtime`` scorer on uint8 pixels (``training.data.ScanSet.pixels``).
+
+    Pixels are normalised batch by batch with ``brainscan.imaging.normalize``, the serving function,
+    so a whole folder never sits in memory as float32.
+    """
+    from brainscan.imaging import normalize
+
+    outputs = []
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size].astype(np.float32)
+        batch = normalize(batch, preprocessing)  # type: ignore[arg-type]
+        outputs.append(scorer.predict(np.asarray(batch, dtype=np.float32)))
+    probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(CLASSES)), np.float32)
+    return classification_metrics(probabilities, labels)

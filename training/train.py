@@ -91,6 +91,7 @@ def train(
     version: str | None = None,
     limit_per_class: int | None = None,
     verbose: int | str = "auto",
+    extra_callbacks: list | None = None,
 ) -> ModelCard:
     import keras
 
@@ -123,6 +124,15 @@ def train(
     best_weights = checkpoints / "best.weights.h5"
     first_epoch = 0
     for stage_index, stage in enumerate(recipe.stages, start=1):
+        # BackupAndRestore deletes its backup when a stage ends, so a finished stage leaves its final
+        # weights here instead: a re-run resumes after it rather than training it again.
+        stage_done = checkpoints / f"stage{stage_index}-done.weights.h5"
+        if stage_done.exists():
+            print(f"stage {stage_index}/{len(recipe.stages)}: finished in an earlier run, resuming after it",
+                  file=sys.stderr)
+            trainable.load_weights(str(stage_done))
+            first_epoch += stage.epochs
+            continue
         if backbone is not None:
             from training.architectures import set_resnet50_stage
 
@@ -147,12 +157,14 @@ def train(
         if recipe.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_accuracy", mode="max", patience=recipe.early_stopping_patience))
+        callbacks += extra_callbacks or []
         print(f"stage {stage_index}/{len(recipe.stages)}: {stage.epochs} epochs at learning rate "
               f"{stage.learning_rate:g}", file=sys.stderr)
         trainable.fit(
             train_data, validation_data=val_data, initial_epoch=first_epoch,
             epochs=first_epoch + stage.epochs, callbacks=callbacks, verbose=verbose,
         )
+        trainable.save_weights(str(stage_done))
         first_epoch += stage.epochs
     last_epoch_accuracy = _last_value(reports / "history.csv", "val_accuracy")
 

@@ -116,6 +116,7 @@ class Claimed:
     job_id: str
     sha256: str | None
     attempts: int
+    last_error: str | None = None  # why the previous attempt left it open (model call failed)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def claim(item_ids: Sequence[int]) -> list[Claimed]:
     now = utcnow()
     with session_scope() as session:
         rows = session.execute(
-            select(Item.id, Item.job_id, Item.sha256, Item.attempts)
+            select(Item.id, Item.job_id, Item.sha256, Item.attempts, Item.error)
             .where(Item.id.in_(item_ids), Item.status.in_(OPEN_STATUSES))
             .order_by(Item.job_id, Item.position)
         ).all()
@@ -151,7 +152,7 @@ def claim(item_ids: Sequence[int]) -> list[Claimed]:
             .where(Job.id.in_({row.job_id for row in rows}), Job.status == JobStatus.queued.value)
             .values(status=JobStatus.running.value, started_at=now)
         )
-        return [Claimed(row.id, row.job_id, row.sha256, row.attempts + 1) for row in rows]
+        return [Claimed(row.id, row.job_id, row.sha256, row.attempts + 1, row.error) for row in rows]
 
 
 def finalize(outcomes: Iterable[Outcome], model_name: str, model_version: str) -> dict[str, tuple[int, int]]:
@@ -236,10 +237,7 @@ def score(item_ids: Sequence[int]) -> int:
     outcomes_total = 0
     if exhausted:
         # An item whose every delivery killed its worker (or timed out) fails alone, at last.
-        failures = [
-            Outcome(c.id, c.job_id, ItemStatus.failed.value, error=f"gave up after {c.attempts - 1} attempts")
-            for c in exhausted
-        ]
+        failures = [Outcome(c.id, c.job_id, ItemStatus.failed.value, error=_gave_up(c)) for c in exhausted]
         with_db_retry(lambda: finalize(failures, card.name, card.version), "writing results")
         outcomes_total += len(failures)
     todo = [c for c in claimed if c.attempts <= settings.max_attempts]
@@ -251,10 +249,27 @@ def score(item_ids: Sequence[int]) -> int:
         prepared = pending.result()
         if index + 1 < len(batches):  # decode the next batch while this one is scored
             pending = engine.prepare_many([_reader(store, c.sha256) for c in batches[index + 1]])
-        outcomes = _score_prepared(engine, batch, prepared)
+        outcomes, left_open = _score_prepared(engine, batch, prepared)
         with_db_retry(lambda o=outcomes: finalize(o, card.name, card.version), "writing results")
         outcomes_total += len(outcomes)
+        if left_open:
+            with_db_retry(lambda s=left_open: note_errors(s), "recording model errors")
     return outcomes_total
+
+
+def _gave_up(item: Claimed) -> str:
+    reason = f"gave up after {item.attempts - 1} attempts"
+    return f"{reason}; last error: {item.last_error}" if item.last_error else reason
+
+
+def note_errors(items: Sequence[tuple[Claimed, str]]) -> None:
+    """Record why items were left open (still ``running``): the reaper re-sends them later, and
+    the reason is what the client sees if they finally fail after ``max_attempts``."""
+    with session_scope() as session:
+        for item, error in items:
+            session.execute(
+                update(Item).where(Item.id == item.id, Item.status.in_(OPEN_STATUSES)).values(error=error)
+            )
 
 
 def _reader(store: ScanStore, sha256: str | None) -> Callable[[], bytes]:
@@ -266,8 +281,12 @@ def _reader(store: ScanStore, sha256: str | None) -> Callable[[], bytes]:
     return read
 
 
-def _score_prepared(engine: Any, batch: list[Claimed], prepared: list[Any]) -> list[Outcome]:
+def _score_prepared(
+    engine: Any, batch: list[Claimed], prepared: list[Any]
+) -> tuple[list[Outcome], list[tuple[Claimed, str]]]:
+    """Outcomes to write, and the items left open because the model call failed on them."""
     outcomes: list[Outcome] = []
+    left_open: list[tuple[Claimed, str]] = []
     good = [(c, p) for c, p in zip(batch, prepared, strict=True) if p.error is None]
     for item, p in zip(batch, prepared, strict=True):
         if p.error is not None:
@@ -279,13 +298,23 @@ def _score_prepared(engine: Any, batch: list[Claimed], prepared: list[Any]) -> l
         started = time.perf_counter()
         try:
             probabilities = engine.score_batch(images)
+            scored = list(zip(good, probabilities, strict=True))
         except Exception as exc:
-            # A model error on the batch is not the scans' fault: leave them open for a retry
-            # (redelivery / reaper) rather than failing them, unless it keeps happening (max_attempts).
-            log.exception("model call failed on a batch of %d", len(good))
-            raise RuntimeError(f"model call failed: {type(exc).__name__}") from exc
+            # One poison scan must not take its batch-mates down with it: score them one by one.
+            # A scan the model still fails on alone is left open (not failed: the error may be
+            # transient) for the reaper to re-send, until max_attempts says it is the scan.
+            log.warning(
+                "model call failed on a batch of %d (%s); scoring one by one", len(good), type(exc).__name__
+            )
+            scored = []
+            for item, p in good:
+                try:
+                    scored.append(((item, p), engine.score_batch(p.pixels[None])[0]))
+                except Exception as single:
+                    log.error("model call failed on item %d: %s", item.id, type(single).__name__)
+                    left_open.append((item, f"model call failed on this scan: {type(single).__name__}"))
         per_item_ms = (time.perf_counter() - started) * 1000.0 / len(good)
-        for (item, p), row in zip(good, probabilities, strict=True):
+        for (item, p), row in scored:
             if not np.all(np.isfinite(row)):
                 outcomes.append(
                     Outcome(
@@ -306,7 +335,7 @@ def _score_prepared(engine: Any, batch: list[Claimed], prepared: list[Any]) -> l
                     inference_ms=per_item_ms,
                 )
             )
-    return outcomes
+    return outcomes, left_open
 
 
 @app.task(base=ItemBatches, name=SCORE_TASK, ignore_result=True)

@@ -42,6 +42,8 @@ def api(
     """Run the HTTP API (uvicorn)."""
     import uvicorn
 
+    from brainscan.logs import uvicorn_log_config
+
     settings = get_settings()
     uvicorn.run(
         "api.app:app",
@@ -51,6 +53,7 @@ def api(
         proxy_headers=True,
         log_level="info",
         access_log=False,  # URLs carry job ids only, but access logs add nothing a client needs
+        log_config=uvicorn_log_config(settings.log_format, settings.log_level),
     )
 
 

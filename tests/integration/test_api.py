@@ -176,7 +176,11 @@ def test_job_with_only_bad_files_is_failed_at_once(api: Api) -> None:
     job = api.client.get(response.json()["status_url"], headers=api.auth()).json()
     assert job["finished"] is True and job["pending"] == 0
     assert [(i["filename"], i["status"], i["error"]) for i in job["items"]] == [
-        ("notes.jpg", "failed", "unsupported file type: send JPEG or PNG scans, or zip/tar archives of them"),
+        (
+            "notes.jpg",
+            "failed",
+            "unsupported file type: send JPEG, PNG, DICOM or NIfTI scans, or zip/tar archives of them",
+        ),
         ("empty.png", "failed", "empty file"),
     ]
 

@@ -1,0 +1,216 @@
+"""``GET /metrics``: Prometheus text format, computed from the database and Redis at each scrape.
+
+The database is the source of truth, so every API replica reports the same numbers and nothing is
+lost when a process restarts: a fresh ``CollectorRegistry`` is filled per scrape. Names:
+
+==========================================  =======  ========================================================
+``brainscan_up``                            gauge    1 (the API answered this scrape)
+``brainscan_broker_up``                     gauge    1 when Redis answered, else 0
+``brainscan_queue_depth{queue}``            gauge    messages waiting in the Celery queue (LLEN; each message
+                                                     holds up to BRAINSCAN_ENQUEUE_CHUNK item ids)
+``brainscan_workers``                       gauge    workers whose heartbeat key is alive
+``brainscan_items{status}``                 gauge    items by status (queued, running, succeeded, failed)
+``brainscan_jobs{status}``                  gauge    jobs by status
+``brainscan_item_failures{reason}``         gauge    failed items by reason (error text before its first ':',
+                                                     top 20, the rest as ``other``)
+``brainscan_scans_scored_total``            counter  items scored successfully, ever (use ``rate()``)
+``brainscan_scans_scored_last_minute``      gauge    items scored with finished_at in the last 60 s
+``brainscan_oldest_queued_age_seconds``     gauge    age of the oldest item still queued (0 when none)
+``brainscan_stage_latency_seconds{stage}``  summary  preprocess / inference time per item over the latest
+                                                     BRAINSCAN_METRICS_LATENCY_WINDOW finished items, with
+                                                     quantiles 0.5, 0.9, 0.99
+==========================================  =======  ========================================================
+
+Unauthenticated, like most scrape targets: it exposes counts only, never ids, names or scan data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from brainscan.db import Item, ItemStatus, Job, JobStatus
+from brainscan.settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+QUANTILES = (0.5, 0.9, 0.99)
+TOP_REASONS = 20
+REASON_CHARS = 80
+REDIS_TIMEOUT_S = 1.0
+# Kombu's Redis transport keeps a priority queue as the plain key plus one key per priority step.
+PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def failure_reason(error: str | None) -> str:
+    """The part of an item's error before its first ':' (what failed, without the particulars)."""
+    reason = (error or "unknown").split(":", 1)[0].strip()
+    return reason[:REASON_CHARS] or "unknown"
+
+
+class DatabaseCollector(Collector):
+    def __init__(self, session: Session, settings: Settings) -> None:
+        self.session = session
+        self.settings = settings
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        session = self.session
+        now = datetime.now(UTC)
+
+        items = GaugeMetricFamily("brainscan_items", "Items by status.", labels=["status"])
+        item_counts = dict(session.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+        for state in ItemStatus:
+            items.add_metric([state.value], item_counts.get(state.value, 0))
+        yield items
+
+        jobs = GaugeMetricFamily("brainscan_jobs", "Jobs by status.", labels=["status"])
+        job_counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for state in JobStatus:
+            jobs.add_metric([state.value], job_counts.get(state.value, 0))
+        yield jobs
+
+        scored = CounterMetricFamily("brainscan_scans_scored", "Items scored successfully, ever.")
+        scored.add_metric([], item_counts.get(ItemStatus.succeeded.value, 0))
+        yield scored
+
+        failures = GaugeMetricFamily(
+            "brainscan_item_failures", "Failed items by reason (error text before ':').", labels=["reason"]
+        )
+        for reason, count in self._failure_reasons():
+            failures.add_metric([reason], count)
+        yield failures
+
+        minute = session.scalar(
+            select(func.count())
+            .select_from(Item)
+            .where(Item.status == ItemStatus.succeeded.value, Item.finished_at >= now - timedelta(seconds=60))
+        )
+        yield GaugeMetricFamily(
+            "brainscan_scans_scored_last_minute", "Items scored in the last 60 seconds.", value=minute or 0
+        )
+
+        oldest = session.scalar(
+            select(func.min(Item.created_at)).where(Item.status == ItemStatus.queued.value)
+        )
+        age = 0.0
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+            age = max(0.0, (now - oldest).total_seconds())
+        yield GaugeMetricFamily(
+            "brainscan_oldest_queued_age_seconds", "Age of the oldest queued item.", value=age
+        )
+
+        yield self._latencies()
+
+    def _failure_reasons(self) -> list[tuple[str, int]]:
+        # Grouped by prefix in SQL: error texts can be unique per item (they may quote the file),
+        # so grouping by the whole text could return one row per failed item.
+        error = func.coalesce(Item.error, "unknown")
+        if self.session.get_bind().dialect.name == "postgresql":
+            prefix = func.split_part(error, ":", 1)
+        else:
+            prefix = func.substr(error, 1, func.instr(error.concat(":"), ":") - 1)
+        failed = Item.status == ItemStatus.failed.value
+        rows = self.session.execute(select(prefix, func.count()).where(failed).group_by(prefix)).all()
+        counts: Counter[str] = Counter()
+        for error, count in rows:
+            counts[failure_reason(error)] += count
+        top = counts.most_common(TOP_REASONS)
+        rest = sum(counts.values()) - sum(count for _, count in top)
+        if rest:
+            top.append(("other", rest))
+        return top
+
+    def _latencies(self) -> SummaryMetricFamily:
+        window = self.settings.metrics_latency_window
+        latest = (
+            select(Item.preprocess_ms, Item.inference_ms)
+            .where(Item.status == ItemStatus.succeeded.value, Item.finished_at.is_not(None))
+            .order_by(Item.finished_at.desc())
+            .limit(window)
+        )
+        rows = self.session.execute(latest).all()
+        family = SummaryMetricFamily(
+            "brainscan_stage_latency_seconds",
+            f"Per-item stage time over the latest {window} scored items.",
+            labels=["stage"],
+        )
+        for index, stage in enumerate(("preprocess", "inference")):
+            values = (
+                np.asarray([row[index] for row in rows if row[index] is not None], dtype=np.float64) / 1000
+            )
+            family.add_metric([stage], count_value=int(values.size), sum_value=float(values.sum()))
+            if values.size:
+                for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True):
+                    family.add_sample(
+                        "brainscan_stage_latency_seconds", {"stage": stage, "quantile": str(q)}, float(v)
+                    )
+        return family
+
+
+class BrokerCollector(Collector):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from brainscan.queueing import HEARTBEAT_PREFIX
+
+        up = GaugeMetricFamily("brainscan_broker_up", "1 when the Redis broker answered.")
+        try:
+            import redis
+
+            from worker.celery import QUEUE
+
+            client = redis.Redis.from_url(
+                self.settings.broker_url,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+                socket_timeout=REDIS_TIMEOUT_S,
+            )
+            try:
+                pipe = client.pipeline()
+                for suffix in PRIORITY_SUFFIXES:
+                    pipe.llen(QUEUE + suffix)
+                depth = sum(int(n) for n in pipe.execute())
+                workers = sum(1 for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
+            finally:
+                client.close()
+        except Exception as exc:
+            # The broker URL may hold a password: the error type only.
+            log.warning("metrics: broker unreachable (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        queue = GaugeMetricFamily("brainscan_queue_depth", "Messages waiting in the queue.", labels=["queue"])
+        queue.add_metric([QUEUE], depth)
+        yield queue
+        yield GaugeMetricFamily("brainscan_workers", "Workers with a live heartbeat.", value=workers)
+
+
+@router.get("/metrics", response_class=Response, include_in_schema=True)
+def metrics(request: Request) -> Response:
+    """Prometheus text exposition of queue, item, job, failure and latency figures."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Up())
+    with request.app.state.sessions() as session:
+        registry.register(DatabaseCollector(session, request.app.state.settings))
+        registry.register(BrokerCollector(request.app.state.settings))
+        body = generate_latest(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+class _Up(Collector):
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield GaugeMetricFamily("brainscan_up", "1: the API answered this scrape.", value=1)

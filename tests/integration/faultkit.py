@@ -1,0 +1,249 @@
+"""Tools for fault tests on real processes: a restartable Redis, a cuttable TCP proxy, a fresh
+PostgreSQL database, the API and beat as processes, and a poison model.
+
+Imported by tests/integration/test_faults.py, test_hostile_scans.py and test_log_hygiene.py.
+Nothing here is shared with other test modules' processes: each test module gets its own Redis
+server (on a free port) and its own PostgreSQL database, so its reaper and workers never touch
+another module's jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+from conftest import PG_ADMIN_URL, Backend, Service, spawn_service, wait_for
+
+from brainscan.embedded import Child, find_redis_server, free_port, redis_ping, spawn
+
+
+# ---- Redis that can be stopped and started on the same port ------------------------------------
+class RedisServer:
+    """A private ``redis-server`` on a fixed free port; ``stop()``/``start()`` model a restart."""
+
+    def __init__(self, data_dir: Path, persist: bool = False) -> None:
+        self.data_dir = data_dir
+        self.persist = persist
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.child: Child | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            find_redis_server(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--dir", str(self.data_dir.resolve()),
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        self.child = spawn("redis", argv, {}, self.data_dir / "redis.log")
+        wait_for(lambda: redis_ping(self.url), timeout_s=30, what="redis-server to start")
+
+    def stop(self) -> None:
+        if self.child is not None and self.child.alive():
+            self.child.signal_group(signal.SIGTERM)
+            self.child.process.wait(30)
+        self.child = None
+        wait_for(lambda: not redis_ping(self.url), timeout_s=10, what="redis-server to stop")
+
+
+# ---- a TCP proxy in front of PostgreSQL that can be cut --------------------------------------
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new ones.
+
+    The database stays up for everyone else; only the processes that go through the proxy see an
+    outage, exactly as they would see a PostgreSQL restart (reset connections, then refusals).
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tcp-proxy", daemon=True)
+        self.thread.start()
+        self.restore()
+
+    def _call(self, coroutine):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        with contextlib.suppress(Exception):
+            writer.close()
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.close()
+            return
+        self.writers.update((client_writer, upstream_writer))
+        try:
+            await asyncio.gather(
+                self._pipe(client_reader, upstream_writer), self._pipe(upstream_reader, client_writer)
+            )
+        finally:
+            self.writers.discard(client_writer)
+            self.writers.discard(upstream_writer)
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in list(self.writers):
+            with contextlib.suppress(Exception):
+                transport = writer.transport
+                transport.abort()  # RST, as a crashed server's connections look
+        self.writers.clear()
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def close(self) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+# ---- a fresh PostgreSQL database per module --------------------------------------------------
+@contextlib.contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """A new, migrated database on the local PostgreSQL; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    from brainscan.db import get_engine
+    from brainscan.migrate import upgrade
+
+    name = f"brainscan_fault_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        get_engine.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def pg_reachable() -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", 5432)) == 0
+
+
+# ---- API and beat processes ------------------------------------------------------------------
+def start_api(backend: Backend, log_dir: Path, **env: str) -> tuple[Service, str]:
+    port = free_port()
+    service = spawn_service(
+        "api",
+        [sys.executable, "-m", "brainscan.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        backend.env(BRAINSCAN_HOST="127.0.0.1", BRAINSCAN_PORT=str(port), **env),
+        log_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not service.alive():
+            raise AssertionError(f"API exited:\n{service.log()[-4000:]}")
+        try:
+            return httpx.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout_s=90, what="the API")
+    except BaseException:
+        service.stop()
+        raise
+    return service, url
+
+
+def start_beat(backend: Backend, log_dir: Path, **env: str) -> Service:
+    return spawn_service(
+        "beat",
+        [sys.executable, "-m", "brainscan.cli", "beat", "--loglevel", "INFO"],
+        backend.env(**env),
+        log_dir,
+    )
+
+
+def make_key(backend: Backend, name: str = "") -> tuple[int, str]:
+    from brainscan import auth
+    from brainscan.db import session_scope
+
+    with backend.active(), session_scope() as session:
+        key, plaintext = auth.create_key(session, name or f"fault-{uuid.uuid4().hex[:6]}")
+        session.flush()
+        return key.id, plaintext
+
+
+# ---- a model that refuses one kind of scan -----------------------------------------------------
+POISON_MEAN = 250.0
+
+
+def build_poison_model(folder: Path, size: int = 32) -> Path:
+    """A SavedModel whose serving call raises when any image in the batch is (almost) all white.
+
+    That is a scan that "crashes the model call" every time it is scored, in any batch, while every
+    other scan scores normally: a poison item, built from real TensorFlow ops.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from brainscan.modelrepo import ModelCard
+
+    class Poisonable(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.weights = tf.Variable(rng.normal(size=(3, 4)).astype(np.float32) / 100.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="keras_tensor")])
+        def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+            means = tf.reduce_mean(images, axis=[1, 2, 3])
+            check = tf.debugging.assert_less(
+                means, tf.constant(POISON_MEAN), message="poison scan: the model refuses it"
+            )
+            with tf.control_dependencies([check]):
+                features = tf.reduce_mean(images, axis=[1, 2])
+                return {"output_0": tf.nn.softmax(tf.matmul(features, self.weights))}
+
+    module = Poisonable()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(folder), signatures={"serve": module.serve})
+    ModelCard(
+        name="poisonable",
+        version="1",
+        input_size=(size, size),
+        channels=3,
+        preprocessing="none",
+        architecture="test: refuses all-white scans",
+        metrics={"note": "tests only"},
+    ).write(folder)
+    return folder

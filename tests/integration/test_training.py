@@ -1,0 +1,299 @@
+"""The training pipeline end to end on generated scans: train (both architectures), resume, evaluate.
+
+Small on purpose (6 scans per class, one epoch): the point is that every piece runs and fits
+together, and that training and serving see the same tensor for the same image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest_training import write_dataset
+from typer.testing import CliRunner
+
+from brainscan import CLASSES
+from brainscan.cli import app
+from brainscan.imaging import normalize, prepare
+from brainscan.modelrepo import ModelCard
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+runner = CliRunner()
+
+
+def _invoke(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "Training", per_class=6, size=64)
+
+
+@pytest.fixture(scope="module")
+def compact_model(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "compact" / "1"
+    _invoke(
+        "train",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--arch",
+        "compact",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-cache",
+    )
+    return out
+
+
+# ---- one image, one tensor ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["compact", "resnet50"])
+def test_same_image_gives_the_same_tensor_on_both_paths(arch: str, dataset: Path) -> None:
+    """The validation tensor the training pipeline feeds the network == what a worker feeds it."""
+    from training.data import load_scanset
+    from training.recipe import RECIPES
+    from training.train import input_spec, to_dataset
+
+    recipe = RECIPES[arch]
+    spec = input_spec(recipe)
+    scans = load_scanset(dataset, spec, cache_dir=None)
+    batches = to_dataset(scans.pixels, scans.labels, recipe, shuffle=False, seed=0)
+    # Training normalises inside the graph (with_input_normalisation) with the same function.
+    training_tensors = np.concatenate([np.asarray(normalize(x, spec.preprocessing)) for x, _ in batches])
+    serving_tensors = np.stack([prepare((dataset / path).read_bytes(), spec) for path in scans.paths])
+    assert training_tensors.dtype == serving_tensors.dtype == np.float32
+    assert training_tensors.shape == (24, recipe.input_size, recipe.input_size, recipe.channels)
+    np.testing.assert_array_equal(training_tensors, serving_tensors)
+    # And through the Keras layer that training really wraps around the network: the same bits.
+    if spec.preprocessing != "none":
+        import keras
+
+        from training.train import with_input_normalisation
+
+        inputs = keras.Input(serving_tensors.shape[1:])
+        wrapped = with_input_normalisation(keras.Model(inputs, inputs), recipe)  # identity network
+        first = next(iter(batches))[0]
+        np.testing.assert_array_equal(np.asarray(wrapped(first)), serving_tensors[: len(first)])
+
+
+# ---- train ----------------------------------------------------------------------------------------
+def _assert_model_folder(out: Path, arch: str) -> ModelCard:
+    assert (out / "saved_model.pb").is_file() and (out / "variables").is_dir()
+    card = ModelCard.model_validate_json((out / "model.json").read_text())
+    assert card.architecture == arch and card.classes == list(CLASSES)
+    assert card.name == out.parent.name and card.version == out.name
+    # Every class with >= 2 scans has a validation scan, even in a 6-per-class dataset.
+    assert all(n >= 1 for n in card.training["validation_counts"].values()), card.training
+    assert sum(card.training["validation_counts"].values()) == card.metrics["val_n"]
+    assert 0.0 <= card.metrics["val_accuracy"] <= 1.0
+    reports = out / "reports"
+    for name in (
+        "curves.png",
+        "validation_confusion.png",
+        "validation.json",
+        "validation.txt",
+        "history.csv",
+        "split.json",
+        "train.log",
+    ):
+        assert (reports / name).is_file(), name
+    assert (reports / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return card
+
+
+def test_train_compact_end_to_end(compact_model: Path) -> None:
+    card = _assert_model_folder(compact_model, "compact")
+    assert (card.input_size, card.channels, card.preprocessing, card.crop) == ((128, 128), 1, "none", "brain")
+    log = (compact_model / "reports" / "train.log").read_text()
+    # Keras' progress bar (its final state: 20 training scans at batch 8 = 3 steps) and the summary.
+    assert "stage 1/1" in log and "\n3/3 " in log and "validation accuracy" in log
+    assert "\r" not in log and "\b" not in log  # progress bars kept as their final line only
+
+
+def test_train_resnet50_with_no_weights_end_to_end(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "resnet50" / "1"
+    output = _invoke(
+        "train",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet50",
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--limit-per-class",
+        "6",
+        "--no-cache",
+    )
+    card = _assert_model_folder(out, "resnet50")
+    assert (card.input_size, card.channels, card.preprocessing) == ((224, 224), 3, "resnet50")
+    # Both stages of the original recipe ran (one epoch each at --epochs 1).
+    assert "stage 1/2" in output and "stage 2/2" in output
+    with open(out / "reports" / "history.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+    # The export serves under the original contract's input name.
+    from brainscan.runtime import load_scorer
+
+    scorer = load_scorer(out, model_format="savedmodel")
+    assert scorer.input_name == "keras_tensor"  # type: ignore[attr-defined]
+
+
+def test_interrupted_training_resumes_from_its_last_epoch(dataset: Path, tmp_path: Path) -> None:
+    import keras
+
+    from training.train import train
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+            raise KeyboardInterrupt  # after BackupAndRestore saved epoch 1 (callbacks run in order)
+
+    out = tmp_path / "models" / "compact" / "1"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            dataset,
+            out,
+            arch="compact",
+            epochs=2,
+            batch_size=8,
+            cache_dir=None,
+            verbose=0,
+            extra_callbacks=[Interrupt()],
+        )
+    assert not (out / "saved_model.pb").exists()
+    assert (out / "checkpoints" / "backup-stage1").is_dir()
+
+    output = _invoke(
+        "train", "--data", str(dataset), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--no-cache"
+    )
+    assert "Epoch 2/2" in output and "Epoch 1/2" not in output  # continued, did not start over
+    with open(out / "reports" / "history.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+    _assert_model_folder(out, "compact")
+
+    # Run again once finished: nothing left to train, the model is re-evaluated and re-exported.
+    again = _invoke(
+        "train", "--data", str(dataset), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--no-cache"
+    )
+    assert "finished in an earlier run" in again and "Epoch" not in again
+
+
+def test_train_refuses_a_folder_with_unknown_classes(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "d", per_class=2, size=32)
+    (data / "astrocytoma").mkdir()
+    (data / "astrocytoma" / "x.png").write_bytes((data / "glioma" / "glioma_001.png").read_bytes())
+    result = runner.invoke(
+        app, ["train", "--data", str(data), "--out", str(tmp_path / "m" / "x" / "1"), "--no-cache"]
+    )
+    assert result.exit_code == 1
+    assert "astrocytoma" in result.output and "not among" in result.output
+
+
+# ---- evaluate -------------------------------------------------------------------------------------
+def test_evaluate_json_matches_an_independent_count(
+    compact_model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    json_out = tmp_path / "eval.json"
+    output = _invoke(
+        "evaluate",
+        "--model",
+        str(compact_model),
+        "--data",
+        str(dataset),
+        "--json",
+        str(json_out),
+        "--batch-size",
+        "5",
+        "--no-cache",
+    )
+    report = json.loads(json_out.read_text())
+    assert report["n"] == 24 and report["model"]["format"] == "savedmodel"
+
+    # Independently: every file's bytes through the serving path, one by one, counted by hand.
+    from brainscan.runtime import load_scorer
+
+    scorer = load_scorer(compact_model, model_format="savedmodel")
+    confusion = [[0] * 4 for _ in CLASSES]
+    losses = []
+    for k, name in enumerate(CLASSES):
+        for path in sorted((dataset / name).iterdir()):
+            probabilities = scorer.predict(prepare(path.read_bytes(), scorer.card.input_spec)[None])[0]
+            confusion[k][int(probabilities.argmax())] += 1
+            losses.append(-np.log(max(float(probabilities[k]), 1e-7)))
+    assert report["confusion_matrix"] == confusion
+    assert report["accuracy"] == pytest.approx(sum(confusion[k][k] for k in range(4)) / 24)
+    assert report["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-4)
+    for k, name in enumerate(CLASSES):
+        assert report["per_class"][name]["support"] == 6
+        predicted = sum(row[k] for row in confusion)
+        expected = confusion[k][k] / predicted if predicted else 0.0
+        assert report["per_class"][name]["precision"] == pytest.approx(expected)
+    assert "confusion matrix" in output and f"{report['accuracy']:.4f}" in output
+    assert "same data fingerprint" in output  # it was trained on this very folder, and says so
+
+
+def test_evaluate_without_model_uses_the_served_one(
+    compact_model: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from brainscan.settings import get_settings
+
+    monkeypatch.setenv("BRAINSCAN_MODEL_DIR", str(compact_model.parents[1]))
+    monkeypatch.setenv("BRAINSCAN_MODEL_NAME", "")
+    monkeypatch.setenv("BRAINSCAN_MODEL_FORMAT", "")
+    monkeypatch.setenv("BRAINSCAN_VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    try:
+        _invoke("evaluate", "--data", str(dataset), "--json", str(tmp_path / "served.json"))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    report = json.loads((tmp_path / "served.json").read_text())
+    assert report["model"]["path"] == str(compact_model) and report["n"] == 24
+    assert list((tmp_path / "var" / "cache").glob("scans-*.npz"))  # decoded once, cached under var_dir
+
+
+def test_evaluate_without_any_model_is_a_clear_error(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from brainscan.settings import get_settings
+
+    monkeypatch.setenv("BRAINSCAN_MODEL_DIR", str(tmp_path / "empty"))
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["evaluate", "--data", str(dataset), "--no-cache"])
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert result.exit_code == 1 and "no model" in result.output
+
+
+def test_tee_keeps_the_final_state_of_redrawn_lines(tmp_path: Path) -> None:
+    from brainscan.commands.train import _Tee
+
+    screen, log = io.StringIO(), io.StringIO()
+    tee = _Tee(screen, log)  # type: ignore[arg-type]
+    tee.write("1/3 [==>....]\b\b\b\b\r2/3 [=====>..]")
+    tee.write("\b\b\r3/3 [========] done\n\x1b[2Kplain line\n")
+    tee.close_pending()
+    assert log.getvalue() == "3/3 [========] done\nplain line\n"
+    assert "1/3" in screen.getvalue()  # the terminal still gets everything
