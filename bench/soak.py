@@ -237,6 +237,7 @@ class JobCheck:
     statuses: Counter  # type: ignore[type-arg]
     items: int
     gave_up: int = 0
+    redelivered: int = 0  # items claimed more than once (a kill hit them in flight), counted once
 
 
 def check_in_database(database_url: str, job_ids: list[str]) -> list[JobCheck]:
@@ -259,8 +260,17 @@ def check_in_database(database_url: str, job_ids: list[str]) -> list[JobCheck]:
             gave_up = session.scalar(
                 select(func.count()).where(Item.job_id == job_id, Item.error.like("gave up after%"))
             )
+            redelivered = session.scalar(select(func.count()).where(Item.job_id == job_id, Item.attempts > 1))
             checks.append(
-                JobCheck(job.total, job.done, job.failed, statuses, sum(statuses.values()), gave_up or 0)
+                JobCheck(
+                    job.total,
+                    job.done,
+                    job.failed,
+                    statuses,
+                    sum(statuses.values()),
+                    gave_up or 0,
+                    redelivered or 0,
+                )
             )
     return checks
 
@@ -275,8 +285,19 @@ def check_through_api(url: str, key: str, job_ids: list[str]) -> list[JobCheck]:
             rows = list(csv.DictReader(io.StringIO(client.get(f"/v1/jobs/{job_id}/results.csv").text)))
             statuses = Counter(row["status"] for row in rows)
             gave_up = sum(1 for row in rows if (row["error"] or "").startswith("gave up after"))
-            checks.append(JobCheck(job["total"], job["done"], job["failed"], statuses, len(rows), gave_up))
+            redelivered = sum(1 for item in _all_items(client, job_id) if item["attempts"] > 1)
+            checks.append(
+                JobCheck(job["total"], job["done"], job["failed"], statuses, len(rows), gave_up, redelivered)
+            )
     return checks
+
+
+def _all_items(client, job_id: str):  # type: ignore[no-untyped-def]
+    offset: int | None = 0
+    while offset is not None:
+        page = client.get(f"/v1/jobs/{job_id}", params={"offset": offset, "limit": 1000}).json()
+        yield from page["items"]
+        offset = page["page"]["next_offset"]
 
 
 def verdict(checks: list[JobCheck], sent: int) -> dict[str, int]:
@@ -309,8 +330,8 @@ def main() -> int:
     parser.add_argument("--url", default="", help="an existing deployment (default: start an embedded stack)")
     parser.add_argument("--key", default=os.environ.get("BRAINSCAN_API_KEY", ""), help="API key for --url")
     parser.add_argument("--model", type=Path, default=None, help="model repository for the embedded stack")
-    parser.add_argument("--scans", type=int, default=2000)
-    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--scans", type=int, default=4000, help="scans in all (at least 2000)")
+    parser.add_argument("--jobs", type=int, default=40, help="jobs, all submitted concurrently")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between worker kills")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds to wait for every job")
@@ -379,7 +400,9 @@ def main() -> int:
     else:
         log(f"logs and database kept in {tmp}")
     gave_up = sum(c.gave_up for c in checks)
+    redelivered = sum(c.redelivered for c in checks)
     log(f"expected failures (corrupt inputs): {expected_failed}; items that gave up after retries: {gave_up}")
+    log(f"items claimed more than once (in flight when a worker died), each counted once: {redelivered}")
     print(" ".join(f"{name}={value}" for name, value in result.items()), flush=True)
     return 0 if ok else 1
 

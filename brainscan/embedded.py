@@ -136,7 +136,14 @@ def redis_ping(url: str) -> bool:
 
 
 def start_redis(data_dir: Path, port: int | None = None, persist: bool = True) -> tuple[Child, str]:
-    """A private redis-server on 127.0.0.1; append-only file under ``data_dir`` when ``persist``."""
+    """A private redis-server on 127.0.0.1; append-only file under ``data_dir`` when ``persist``.
+
+    Persistence is deliberate: with the AOF (fsync every second) the queued messages, and the
+    unacked ones Kombu keeps in Redis, survive a Redis restart, so work resumes at once. What the
+    last second before a crash held, or everything when ``persist`` is off, is not lost either: the
+    database is the source of truth and the reaper re-sends items queued or running for longer
+    than ``stale_after_s``. RDB snapshots are off (``--save ""``): the AOF is the one copy.
+    """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -146,6 +153,7 @@ def start_redis(data_dir: Path, port: int | None = None, persist: bool = True) -
         "--protected-mode", "yes",
         "--save", "",
         "--appendonly", "yes" if persist else "no",
+        "--appendfsync", "everysec",
         "--dir", str(data_dir.resolve()),
         "--daemonize", "no",
         "--loglevel", "warning",

@@ -751,6 +751,11 @@ def submit_job(
 
         enqueued = enqueue_job(job.id)
     log.info(
-        "job %s stored: %d item(s), %d failed at intake, enqueued=%s", job.id, job.total, job.failed, enqueued
+        "job %s stored: %d item(s), %d failed at intake, enqueued=%s",
+        job.id,
+        job.total,
+        job.failed,
+        enqueued,
+        extra={"job_id": job.id},
     )
     return Submitted(job, enqueued)

@@ -43,16 +43,40 @@ def _chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(ids[start : start + size])
 
 
-def publish(item_ids: Sequence[int]) -> None:
-    """Send item ids in messages of ``enqueue_chunk`` ids and stamp ``enqueued_at``. Raises on failure."""
+def priority_for(count: int) -> int:
+    """The queue priority of a send of ``count`` items: small jobs ride the urgent lane.
+
+    A single-scan job queued behind a 1,000-scan archive would otherwise wait for the whole archive
+    (Redis lists are FIFO); see ``worker/celery.py``. The lane holds only small sends, so it cannot
+    itself get long unless small jobs alone saturate the workers.
+    """
+    from worker.celery import BULK_PRIORITY, URGENT_PRIORITY
+
+    return URGENT_PRIORITY if count <= get_settings().urgent_max_items else BULK_PRIORITY
+
+
+def publish(item_ids: Sequence[int], priority: int | None = None) -> None:
+    """Send item ids in messages of ``enqueue_chunk`` ids and stamp ``enqueued_at``. Raises on failure.
+
+    ``priority`` defaults to ``priority_for(len(item_ids))``: one job's ids (or one reaper run's)
+    share one lane.
+    """
     from worker.celery import SCORE_TASK
 
     app = _celery()
+    ids_all = list(item_ids)
     chunk = get_settings().enqueue_chunk
+    if priority is None:
+        priority = priority_for(len(ids_all))
     with app.producer_or_acquire() as producer:
-        for ids in _chunks(list(item_ids), chunk):
+        for ids in _chunks(ids_all, chunk):
             app.send_task(
-                SCORE_TASK, args=[ids], producer=producer, retry=True, retry_policy=PUBLISH_RETRY_POLICY
+                SCORE_TASK,
+                args=[ids],
+                producer=producer,
+                priority=priority,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
             )
             # Stamped per message: if the broker dies half way, only the unsent rest stays NULL.
             with session_scope() as session:

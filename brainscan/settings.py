@@ -32,7 +32,18 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=1024, description="Largest batch a worker scores at once.")
     max_batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest wait to fill a batch.")
     enqueue_chunk: int = Field(32, ge=1, le=1024, description="Items per queued message.")
-    tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads per worker; 0 = all cores.")
+    tf_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads per worker process for TensorFlow's intra-op pool and the TFLite "
+        "interpreter; 0 = all cores. With N workers on one machine use cores / N.",
+    )
+    urgent_max_items: int = Field(
+        8,
+        ge=0,
+        description="Jobs of at most this many scans are queued ahead of bulk work (Redis priority), "
+        "so a single scan does not wait behind a queued archive; 0 = no priority lane.",
+    )
     model_format: Literal["", "savedmodel", "tflite", "tflite-int8"] = Field(
         "",
         description="Which variant of the model to serve: the SavedModel, or a TFLite file written by "

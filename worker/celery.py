@@ -8,6 +8,13 @@ tasks make it exactly-once in the database (guarded UPDATEs). With Redis as brok
 dead worker held is redelivered after ``visibility_timeout``; Kombu's default is one hour, we use
 ``settings.visibility_timeout_s`` (5 minutes) so a crash costs minutes, not an hour. It must stay
 longer than the longest batch, or a live worker's messages would be redelivered under it.
+
+Priority lane: Kombu's Redis transport keeps one list per priority step (``brainscan`` for priority
+0, ``brainscan\x06\x169`` for 9, ...) and a worker's BRPOP names them in step order, so a message
+at ``URGENT_PRIORITY`` is taken before any ``BULK_PRIORITY`` one, however many are queued (with
+Redis, 0 is the *highest* priority). ``brainscan.queueing.publish`` sends small jobs (at most
+``settings.urgent_max_items`` scans) urgent and everything else bulk: a single scan never waits
+behind a queued archive's messages, only behind the flush the worker is already scoring.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ from brainscan.settings import Settings, get_settings
 SCORE_TASK = "brainscan.score_items"
 REAP_TASK = "brainscan.reap"
 QUEUE = "brainscan"
+# Kombu's default Redis priority steps, named so the lane's lists are known (api/routes/metrics.py
+# sums their lengths). Smaller is served first.
+PRIORITY_STEPS = [0, 3, 6, 9]
+URGENT_PRIORITY = 0  # also what a message without a priority gets (beat's reaper runs)
+BULK_PRIORITY = 9
 
 
 def celery_config(settings: Settings) -> dict:
@@ -34,6 +46,7 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_timeout": 3,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            "priority_steps": PRIORITY_STEPS,
             # Kombu sweeps for expired unacked messages every interval*throttle seconds (100 s by
             # default); sweep often enough that recovery is about visibility_timeout, not more.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 5)),

@@ -1,16 +1,22 @@
-"""The inference engine: one SavedModel per worker process, warmed up, scored in batches.
+"""The inference engine: one model per worker process, warmed up, scored in batches.
 
+Loading is ``brainscan.runtime.load_scorer`` and nothing else (the loader evaluate and the benchmarks
+use too), so a worker serves the SavedModel or its TFLite variants (``BRAINSCAN_MODEL_FORMAT`` =
+``tflite`` | ``tflite-int8``) through the same code path, with the same class order and checks.
 Preprocessing is ``brainscan.imaging.prepare`` and nothing else, so serving sees the same tensor as
 training. Decoding runs on a small thread pool (PIL releases the GIL) so that the next batch is
 decoded while the model scores the current one. The model is re-resolved at batch boundaries when
 ``models/promoted.json`` changes, so ``brainscan models promote`` takes effect without a restart.
+
+Threads. ``BRAINSCAN_TF_THREADS`` (``settings.tf_threads``) sizes TensorFlow's intra-op pool *and*
+the TFLite interpreter; with N worker processes on one machine set it to ``cores / N`` so they do
+not oversubscribe the cores (0 = every core, right for one worker per machine).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +28,7 @@ import numpy as np
 from brainscan import CLASSES
 from brainscan.imaging import ScanError, prepare
 from brainscan.modelrepo import PROMOTED_FILE, ModelCard, ModelNotFound, ModelRef, resolve_model
+from brainscan.runtime import Scorer, load_scorer
 from brainscan.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -32,8 +39,9 @@ _threads_configured = False
 def configure_tensorflow(threads: int) -> None:
     """Size TF's thread pools once, before the first op (TF refuses afterwards).
 
-    With N worker processes on one machine, ``tf_threads = cores / N`` keeps them from
-    oversubscribing the cores; 0 leaves TensorFlow's default (all cores).
+    ``threads`` is ``settings.tf_threads``: with N worker processes on one machine, ``cores / N``
+    keeps them from oversubscribing the cores; 0 leaves TensorFlow's default (all cores). The TFLite
+    interpreter gets the same number in ``Engine.load``.
     """
     global _threads_configured
     if _threads_configured:
@@ -45,6 +53,7 @@ def configure_tensorflow(threads: int) -> None:
     if threads > 0:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
+            # Inference graphs are chains of ops: one or two inter-op threads are all they use.
             tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
         except RuntimeError as exc:  # TF already initialised in this process
             log.warning("could not set TensorFlow threads: %s", exc)
@@ -59,61 +68,16 @@ class Prepared:
     ms: float
 
 
-@dataclass
-class LoadedModel:
+@dataclass(frozen=True)
+class Served:
+    """The model a worker serves: where it came from (``ref``) and what scores with it."""
+
     ref: ModelRef
-    function: object  # the concrete serving function
-    input_name: str
-    output_name: str
-    order: np.ndarray  # column permutation from the card's class order to CLASSES
+    scorer: Scorer
 
     @property
     def card(self) -> ModelCard:
-        return self.ref.card
-
-
-def _serving_function(module: object) -> tuple[object, str, str]:
-    signatures = getattr(module, "signatures", {})
-    for key in ("serve", "serving_default"):
-        if key in signatures:
-            function = signatures[key]
-            break
-    else:
-        raise ModelNotFound(f"SavedModel has no 'serve' or 'serving_default' signature ({list(signatures)})")
-    _, kwargs = function.structured_input_signature
-    if len(kwargs) != 1:
-        raise ModelNotFound(f"serving signature must take one input, it takes {sorted(kwargs)}")
-    input_name = next(iter(kwargs))
-    outputs = function.structured_outputs
-    if "output_0" in outputs:
-        output_name = "output_0"
-    elif len(outputs) == 1:
-        output_name = next(iter(outputs))
-    else:
-        raise ModelNotFound(f"serving signature has several outputs and none is output_0: {sorted(outputs)}")
-    return function, input_name, output_name
-
-
-def _class_order(card: ModelCard) -> np.ndarray:
-    if sorted(card.classes) != sorted(CLASSES):
-        raise ModelNotFound(
-            f"model {card.name}/{card.version} classes {card.classes} are not {list(CLASSES)}"
-        )
-    return np.asarray([card.classes.index(name) for name in CLASSES])
-
-
-def load_model(ref: ModelRef) -> LoadedModel:
-    import tensorflow as tf
-
-    if ref.card.format != "savedmodel":
-        raise ModelNotFound(
-            f"model format {ref.card.format!r} is not served by this worker (savedmodel only)"
-        )
-    module = tf.saved_model.load(str(ref.path))
-    function, input_name, output_name = _serving_function(module)
-    loaded = LoadedModel(ref, function, input_name, output_name, _class_order(ref.card))
-    loaded.module = module  # type: ignore[attr-defined]  # keep the variables alive
-    return loaded
+        return self.scorer.card
 
 
 class Engine:
@@ -121,40 +85,44 @@ class Engine:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.model: LoadedModel | None = None
+        self.model: Served | None = None
         self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self._promoted_mtime: float | None = None
-        self._lock = threading.Lock()
 
     # ---- model lifecycle -------------------------------------------------------------------
-    def load(self) -> LoadedModel:
+    def load(self) -> Served:
         configure_tensorflow(self.settings.tf_threads)
         self._promoted_mtime = self._promoted_stamp()
         ref = resolve_model(self.settings.model_dir, self.settings.model_name, self.settings.model_version)
         self.model = self._load_and_warm(ref)
         return self.model
 
-    def _load_and_warm(self, ref: ModelRef) -> LoadedModel:
+    def _load_and_warm(self, ref: ModelRef) -> Served:
         started = time.perf_counter()
-        loaded = load_model(ref)
-        spec = loaded.card.input_spec
-        # The first call traces and allocates; doing it now keeps it out of the first job's latency.
+        scorer = load_scorer(
+            ref, model_format=self.settings.model_format, num_threads=self.settings.tf_threads
+        )
+        spec = scorer.card.input_spec
+        # The first call traces and allocates (a TFLite interpreter sizes its tensors for the batch);
+        # doing it now keeps it out of the first job's latency.
         dummy = np.zeros(
             (min(2, self.settings.batch_size), spec.height, spec.width, spec.channels), np.float32
         )
-        probabilities = self._run(loaded, dummy)
+        probabilities = scorer.predict(dummy)
         if probabilities.shape != (dummy.shape[0], len(CLASSES)):
             raise ModelNotFound(f"model output has shape {probabilities.shape}, expected (n, {len(CLASSES)})")
         log.info(
-            "serving %s/%s from %s (%s, input %s) ready in %.1fs",
+            "serving %s/%s (%s) from %s (%s, input %s, %s threads) ready in %.1fs",
             ref.card.name,
             ref.card.version,
-            ref.path,
+            scorer.variant,
+            scorer.path,
             "card-less original contract" if ref.card.card_less else "model card",
             (spec.height, spec.width, spec.channels),
+            self.settings.tf_threads or "all",
             time.perf_counter() - started,
         )
-        return loaded
+        return Served(ref, scorer)
 
     def _promoted_stamp(self) -> float | None:
         try:
@@ -226,16 +194,7 @@ class Engine:
         if self.model is None:
             self.load()
         assert self.model is not None
-        return self._run(self.model, images)
-
-    @staticmethod
-    def _run(model: LoadedModel, images: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        tensor = tf.convert_to_tensor(np.ascontiguousarray(images, dtype=np.float32))
-        outputs = model.function(**{model.input_name: tensor})  # type: ignore[operator]
-        probabilities = np.asarray(outputs[model.output_name], dtype=np.float32)
-        return probabilities[:, model.order]
+        return self.model.scorer.predict(images)
 
 
 _RUNNER: ThreadPoolExecutor | None = None

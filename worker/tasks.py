@@ -6,6 +6,12 @@ messages of *any* job and flushes them into one call when they hold ``FLUSH_BATC
 items, or every ``max_batch_wait_ms``, whichever comes first. The call splits the items into model
 batches of ``batch_size`` and decodes batch k+1 on a thread pool while the model scores batch k.
 
+Latency. Small jobs are published on the urgent lane (Redis priority, ``worker/celery.py``), so the
+worker reads them before any queued bulk message; within a flush their items go into the first
+model batch. A single scan submitted while an archive is being scored therefore waits for at most
+the flush in progress (about ``FLUSH_BATCHES`` batch times) plus one batch, or ``max_batch_wait_ms``
+on an idle worker.
+
 Delivery. With ``acks_late``, celery-batches acks the buffered messages only after the call
 returns, i.e. after the results are committed; a worker killed mid-batch leaves them unacked and
 Redis redelivers them after the visibility timeout. Every write is idempotent: an item is finalised
@@ -41,7 +47,7 @@ from brainscan.db import Item, ItemStatus, Job, JobStatus, session_scope, utcnow
 from brainscan.queueing import HEARTBEAT_PREFIX, enqueue_items
 from brainscan.settings import get_settings
 from brainscan.storage import ScanStore
-from worker.celery import REAP_TASK, SCORE_TASK, app
+from worker.celery import REAP_TASK, SCORE_TASK, URGENT_PRIORITY, app
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +225,11 @@ def _store() -> ScanStore:
     return ScanStore(get_settings().resolved_storage_dir)
 
 
-def score(item_ids: Sequence[int]) -> int:
-    """Score these items (any jobs), write results batch by batch. Returns how many were finalised."""
+def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
+    """Score these items (any jobs), write results batch by batch. Returns how many were finalised.
+
+    Items in ``urgent_ids`` (from urgent-lane messages) are scored in the first model batches.
+    """
     from worker.engine import get_engine
 
     settings = get_settings()
@@ -240,7 +249,11 @@ def score(item_ids: Sequence[int]) -> int:
         failures = [Outcome(c.id, c.job_id, ItemStatus.failed.value, error=_gave_up(c)) for c in exhausted]
         with_db_retry(lambda: finalize(failures, card.name, card.version), "writing results")
         outcomes_total += len(failures)
-    todo = [c for c in claimed if c.attempts <= settings.max_attempts]
+    urgent = {int(i) for i in urgent_ids}
+    # Stable sort: urgent items first, otherwise claim's (job, position) order.
+    todo = sorted(
+        (c for c in claimed if c.attempts <= settings.max_attempts), key=lambda c: c.id not in urgent
+    )
     store = _store()
     batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
     pending = engine.prepare_many([_reader(store, c.sha256) for c in batches[0]]) if batches else None
@@ -342,12 +355,23 @@ def _score_prepared(
 def score_items(requests: Sequence[Any]) -> int:
     """Batch task: each request's first argument is a list of item ids."""
     item_ids: list[int] = []
+    urgent_ids: list[int] = []
     for request in requests:
         try:
-            item_ids.extend(int(i) for i in request.args[0])
+            ids = [int(i) for i in request.args[0]]
         except (IndexError, TypeError, ValueError):
             log.warning("ignoring malformed score message %s", getattr(request, "id", "?"))
-    return score(item_ids)
+            continue
+        item_ids.extend(ids)
+        if _is_urgent(request):
+            urgent_ids.extend(ids)
+    return score(item_ids, urgent_ids)
+
+
+def _is_urgent(request: Any) -> bool:
+    priority = (getattr(request, "delivery_info", None) or {}).get("priority")
+    # A message without a priority is on Kombu's default (highest) step, like the urgent lane.
+    return priority is None or int(priority) <= URGENT_PRIORITY
 
 
 # ---- the reaper ------------------------------------------------------------------------------

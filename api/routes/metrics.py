@@ -27,6 +27,7 @@ Unauthenticated, like most scrape targets: it exposes counts only, never ids, na
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -49,13 +50,19 @@ QUANTILES = (0.5, 0.9, 0.99)
 TOP_REASONS = 20
 REASON_CHARS = 80
 REDIS_TIMEOUT_S = 1.0
-# Kombu's Redis transport keeps a priority queue as the plain key plus one key per priority step.
-PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+# Kombu's Redis transport keeps a queue as one list per priority step: the plain name for step 0,
+# ``<queue>\x06\x16<step>`` for the others (kombu.transport.redis ``_q_for_pri``).
+KOMBU_PRIORITY_SEP = "\x06\x16"
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def failure_reason(error: str | None) -> str:
-    """The part of an item's error before its first ':' (what failed, without the particulars)."""
-    reason = (error or "unknown").split(":", 1)[0].strip()
+    """The part of an item's error before its first ':' (what failed, without the particulars).
+
+    Numbers become ``N`` ("image is NxN pixels, over the limit of N"), so that sizes and limits
+    quoted by errors without a ':' do not make one label value per item.
+    """
+    reason = _NUMBER.sub("N", (error or "unknown").split(":", 1)[0]).strip()
     return reason[:REASON_CHARS] or "unknown"
 
 
@@ -170,7 +177,7 @@ class BrokerCollector(Collector):
         try:
             import redis
 
-            from worker.celery import QUEUE
+            from worker.celery import PRIORITY_STEPS, QUEUE
 
             client = redis.Redis.from_url(
                 self.settings.broker_url,
@@ -179,8 +186,8 @@ class BrokerCollector(Collector):
             )
             try:
                 pipe = client.pipeline()
-                for suffix in PRIORITY_SUFFIXES:
-                    pipe.llen(QUEUE + suffix)
+                for step in PRIORITY_STEPS:
+                    pipe.llen(f"{QUEUE}{KOMBU_PRIORITY_SEP}{step}" if step else QUEUE)
                 depth = sum(int(n) for n in pipe.execute())
                 workers = sum(1 for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
             finally:

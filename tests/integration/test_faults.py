@@ -364,3 +364,27 @@ def test_poison_scan_fails_after_max_attempts_and_the_rest_completes(
     others = items[:3] + items[4:]
     assert [(i.status, i.attempts, i.error) for i in others] == [("succeeded", 1, None)] * 6
     assert all(i.model_name == "poisonable" for i in others)
+
+
+# ---- persistence of the embedded Redis ----------------------------------------------------------
+def test_embedded_redis_keeps_queued_messages_across_a_restart(direct: Backend, root: Path) -> None:
+    """``brainscan up`` runs Redis with an append-only file: a restart does not even need the reaper."""
+    import redis
+
+    from brainscan.embedded import free_port, start_redis, stop_all
+    from brainscan.queueing import enqueue_job
+
+    port, data_dir = free_port(), root / "embedded-redis"
+    child, url = start_redis(data_dir, port=port, persist=True)  # exactly what `brainscan up` starts
+    try:
+        job_id = create_job(direct, [(f"kept_{i}.jpg", make_jpeg(600 + i)) for i in range(3)])
+        with direct.active(BRAINSCAN_BROKER_URL=url):
+            assert enqueue_job(job_id) is True
+        stop_all([child], timeout_s=30)  # SIGTERM: Redis writes its AOF and exits
+        child, url = start_redis(data_dir, port=port, persist=True)
+        client = redis.Redis.from_url(url)
+        messages = [m for m in client.lrange("brainscan", 0, -1) if b"brainscan.score_items" in m]
+        client.close()
+        assert len(messages) == 1  # the job's one message (3 ids, one chunk) is still queued
+    finally:
+        stop_all([child], timeout_s=30)
