@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import sessionmaker
 
-from api.routes import health, items, jobs, metrics, models, web
+from api.routes import gradcam, health, items, jobs, metrics, models, web
 from brainscan import __version__
 from brainscan.db import make_engine
 from brainscan.settings import Settings, get_settings
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(items.router)
+    app.include_router(gradcam.router)
     app.include_router(metrics.router)
     web.mount(app)
     return app

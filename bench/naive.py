@@ -116,8 +116,12 @@ def naive_throughput(model_path: Path, scans: list[bytes]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: ResNet50 architecture)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="model folder (default: ResNet50 architecture)"
+    )
     parser.add_argument("--scans", type=int, default=200, help="scans to score one by one")
     parser.add_argument("--quick", action="store_true", help="10 scans: proves it runs, measures nothing")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from brainscan.commands import client, models, service, train
+from brainscan.commands import client, models, nightly, service, train
 
 app = typer.Typer(
     name="brainscan",
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (service, client, models, train):
+for module in (service, client, models, train, nightly):
     module.register(app)
 
 

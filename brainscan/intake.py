@@ -750,6 +750,10 @@ def submit_job(
         from brainscan.queueing import enqueue_job
 
         enqueued = enqueue_job(job.id)
+    elif job.callback_url:  # final at submit (every file failed at intake): the webhook fires now
+        from worker.notify import enqueue_notifications
+
+        enqueue_notifications([job.id])
     log.info(
         "job %s stored: %d item(s), %d failed at intake, enqueued=%s",
         job.id,

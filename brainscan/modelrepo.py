@@ -47,6 +47,7 @@ class ModelCard(BaseModel):
     data_fingerprint: str | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    gradcam_layer: str | None = None  # feature map Grad-CAM explains; None = the last spatial one
     card_less: bool = False  # True when we inferred the original project's contract
 
     @property
@@ -93,7 +94,8 @@ def list_models(model_dir: Path) -> list[ModelRef]:
     if not model_dir.is_dir():
         return refs
     for name_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-        for version_dir in sorted((p for p in name_dir.iterdir() if p.is_dir()), key=lambda p: _version_key(p.name)):
+        versions = sorted((p for p in name_dir.iterdir() if p.is_dir()), key=lambda p: _version_key(p.name))
+        for version_dir in versions:
             if is_model_folder(version_dir):
                 refs.append(ModelRef(version_dir, read_card(version_dir, name_dir.name, version_dir.name)))
     return refs

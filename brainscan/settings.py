@@ -66,7 +66,16 @@ class Settings(BaseSettings):
     port: int = 8000
 
     # Nightly scoring.
-    nightly_cron: str = Field("0 2 * * *", description="Crontab for the nightly inbox scan.")
+    nightly_cron: str = Field("0 2 * * *", description="Crontab (UTC) for the nightly inbox scan.")
+    nightly_inbox_dir: Path | None = Field(
+        None, description="Folder the nightly run scores (one job per file); var_dir/inbox."
+    )
+    nightly_settle_s: int = Field(
+        60, ge=0, description="Files modified more recently than this are still being copied: skipped."
+    )
+    nightly_rescore_days: int = Field(
+        0, ge=0, description="Re-score the last N days' results not made by the promoted model; 0 = off."
+    )
     reaper_interval_s: int = Field(60, ge=1, description="How often stranded items are re-queued.")
     stale_after_s: int = Field(600, ge=10, description="A queued/running item older than this is re-queued.")
 
@@ -86,6 +95,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return self.storage_dir or self.var_dir / "storage"
+
+    @property
+    def resolved_nightly_inbox_dir(self) -> Path:
+        return self.nightly_inbox_dir or self.var_dir / "inbox"
 
     @property
     def resolved_database_url(self) -> str:

@@ -105,7 +105,9 @@ def build_augmenter(aug: Augmentation, seed: int = 1337) -> keras.Sequential:
     if aug.rotation_degrees:
         steps.append(layers.RandomRotation(aug.rotation_degrees / 360.0, fill_mode="constant", seed=seed))
     if aug.shear:
-        steps.append(layers.RandomShear(x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed))
+        steps.append(
+            layers.RandomShear(x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed)
+        )
     if aug.zoom:
         steps.append(layers.RandomZoom(aug.zoom, fill_mode="constant", seed=seed))
     if aug.shift:

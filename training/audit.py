@@ -6,8 +6,9 @@ compact model uses, so black borders and resizing do not matter), reduced to a 1
 each of the 256 bits says whether a pixel is brighter than its right neighbour. Two images whose hashes
 differ in at most ``NEAR_DUPLICATE_BITS`` bits are near-duplicates. On the training folder the
 nearest-neighbour distance is bimodal: copies sit at 0-12 bits, distinct slices (even neighbouring
-slices of one study) mostly at 20-60, with a trough at 13-17; the threshold sits in that trough. Duplicates are grouped transitively (union-find),
-and a split assigns whole groups to one side, so no near-copy of a validation image is trained on.
+slices of one study) mostly at 20-60, with a trough at 13-17; the threshold sits in that trough.
+Duplicates are grouped transitively (union-find), and a split assigns whole groups to one side, so no
+near-copy of a validation image is trained on.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def near_pairs(hashes: Sequence[str], max_bits: int, other: Sequence[str] | None
     return pairs
 
 
-def duplicate_groups(sha256s: Sequence[str], hashes: Sequence[str], max_bits: int = NEAR_DUPLICATE_BITS) -> list[int]:
+def duplicate_groups(
+    sha256s: Sequence[str], hashes: Sequence[str], max_bits: int = NEAR_DUPLICATE_BITS
+) -> list[int]:
     """Group id per image: images joined by an exact or near-duplicate link share a group."""
     groups = _UnionFind(len(sha256s))
     first_with: dict[str, int] = {}
@@ -129,7 +132,9 @@ def group_split(
     by_group: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         by_group[g].append(i)
-    group_label = {g: Counter(labels[i] for i in members).most_common(1)[0][0] for g, members in by_group.items()}
+    group_label = {
+        g: Counter(labels[i] for i in members).most_common(1)[0][0] for g, members in by_group.items()
+    }
     target = {c: validation_fraction * n for c, n in Counter(labels).items()}
     taken: Counter[str] = Counter()
     order = sorted(by_group)
@@ -172,7 +177,8 @@ class AuditReport:
     def summary(self) -> str:
         lines = [
             f"{self.root}: {self.images} images",
-            f"  exact duplicates: {self.exact_duplicate_groups} groups, {self.exact_duplicate_extra_copies} extra copies",
+            f"  exact duplicates: {self.exact_duplicate_groups} groups, "
+            f"{self.exact_duplicate_extra_copies} extra copies",
             f"  near-duplicate pairs (dHash <= {self.threshold_bits}/256 bits): {self.near_duplicate_pairs}",
             f"  images in a duplicate group: {self.images_in_duplicate_groups}",
             f"  duplicate groups whose images carry different labels: {self.groups_with_conflicting_labels}",
@@ -221,8 +227,14 @@ def hash_folder(root: Path, workers: int | None = None, description: str | None 
         )
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(track(pool.map(_hash_file, paths, chunksize=32), total=len(paths),
-                                 description=description, transient=True))
+            results = list(
+                track(
+                    pool.map(_hash_file, paths, chunksize=32),
+                    total=len(paths),
+                    description=description,
+                    transient=True,
+                )
+            )
     out: dict = {"paths": [], "labels": [], "sha256": [], "dhash": [], "unreadable": []}
     for (path, label), result in zip(listing, results, strict=True):
         relative = str(path.relative_to(root))
@@ -265,11 +277,13 @@ def audit_folder(
     # Largest groups first, conflicting labels before agreeing ones: the examples worth a look.
     duplicated.sort(key=lambda m: (len({labels[i] for i in m}) == 1, -len(m), m[0]))
     for m in duplicated[:max_examples]:
-        report.examples.append({
-            "files": [paths[i] for i in m],
-            "labels": sorted({labels[i] for i in m}),
-            "exact": len({sha256s[i] for i in m}) == 1,
-        })
+        report.examples.append(
+            {
+                "files": [paths[i] for i in m],
+                "labels": sorted({labels[i] for i in m}),
+                "exact": len({sha256s[i] for i in m}) == 1,
+            }
+        )
     if hashed["unreadable"]:
         report.examples.append({"unreadable": hashed["unreadable"][:max_examples]})
 
@@ -286,8 +300,15 @@ def audit_folder(
         examples = []
         for j in sorted(exact_set | set(near))[:max_examples]:
             i = close[j][0] if j in close else sha256s.index(other["sha256"][j])
-            examples.append({"file": other["paths"][j], "label": other["labels"][j],
-                             "copy_in_root": paths[i], "root_label": labels[i], "exact": j in exact_set})
+            examples.append(
+                {
+                    "file": other["paths"][j],
+                    "label": other["labels"][j],
+                    "copy_in_root": paths[i],
+                    "root_label": labels[i],
+                    "exact": j in exact_set,
+                }
+            )
         report.across = {
             "root": str(against),
             "images": len(other["paths"]),

@@ -76,8 +76,14 @@ def load_scanset(root: Path, spec: InputSpec, cache_dir: Path | None, workers: i
     if cache_file and cache_file.exists():
         with np.load(cache_file, allow_pickle=False) as cached:
             meta = json.loads(str(cached["meta"]))
-            return ScanSet(cached["pixels"], cached["labels"], meta["paths"], meta["sha256"],
-                           meta["dhash"], meta["fingerprint"])
+            return ScanSet(
+                cached["pixels"],
+                cached["labels"],
+                meta["paths"],
+                meta["sha256"],
+                meta["dhash"],
+                meta["fingerprint"],
+            )
 
     from rich.progress import track
 
@@ -86,12 +92,21 @@ def load_scanset(root: Path, spec: InputSpec, cache_dir: Path | None, workers: i
     if workers == 1 or len(jobs) < 64:
         # A small folder decodes faster in-process than a pool starts, and does not fork a process
         # that may already run TensorFlow's threads (evaluate, tests).
-        decoded = list(track(map(_decode_one, jobs), total=len(jobs), description=f"decoding {root.name}",
-                             transient=True))
+        decoded = list(
+            track(
+                map(_decode_one, jobs), total=len(jobs), description=f"decoding {root.name}", transient=True
+            )
+        )
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            decoded = list(track(pool.map(_decode_one, jobs, chunksize=32), total=len(jobs),
-                                 description=f"decoding {root.name}", transient=True))
+            decoded = list(
+                track(
+                    pool.map(_decode_one, jobs, chunksize=32),
+                    total=len(jobs),
+                    description=f"decoding {root.name}",
+                    transient=True,
+                )
+            )
     pixels = np.stack([d[0] for d in decoded])
     sha256 = [d[1] for d in decoded]
     dhash = [d[2] for d in decoded]
@@ -102,8 +117,7 @@ def load_scanset(root: Path, spec: InputSpec, cache_dir: Path | None, workers: i
     scans = ScanSet(pixels, labels, paths, sha256, dhash, fingerprint)
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"paths": paths, "sha256": sha256, "dhash": dhash,
-                           "fingerprint": fingerprint})
+        meta = json.dumps({"paths": paths, "sha256": sha256, "dhash": dhash, "fingerprint": fingerprint})
         tmp = cache_file.with_suffix(".tmp.npz")
         np.savez(tmp, pixels=pixels, labels=labels, meta=np.array(meta))
         tmp.replace(cache_file)

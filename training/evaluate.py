@@ -44,13 +44,17 @@ def classification_report(metrics: dict[str, Any]) -> str:
         lines.append(f"{name:>12} {m['precision']:9.4f} {m['recall']:9.4f} {m['f1']:9.4f} {m['support']:9d}")
     lines += ["", f"{'accuracy':>12} {'':>9} {'':>9} {metrics['accuracy']:9.4f} {metrics['n']:9d}"]
     lines.append(f"{'loss':>12} {metrics['loss']:9.4f}")
-    lines += ["", "confusion matrix (rows: true, columns: predicted; order " + ", ".join(metrics["classes"]) + ")"]
+    lines += [
+        "",
+        "confusion matrix (rows: true, columns: predicted; order " + ", ".join(metrics["classes"]) + ")",
+    ]
     lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in metrics["confusion_matrix"]]
     return "\n".join(lines) + "\n"
 
 
-def evaluate_scorer(scorer: Any, pixels: np.ndarray, labels: Sequence[int], preprocessing: str,
-                    batch_size: int = 32) -> dict[str, Any]:
+def evaluate_scorer(
+    scorer: Any, pixels: np.ndarray, labels: Sequence[int], preprocessing: str, batch_size: int = 32
+) -> dict[str, Any]:
     """Metrics of a ``brainscan.runtime`` scorer on uint8 pixels (``training.data.ScanSet.pixels``).
 
     Pixels are normalised batch by batch with ``brainscan.imaging.normalize``, the serving function,

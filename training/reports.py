@@ -10,9 +10,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from training.evaluate import classification_report  # noqa: E402
+from training.evaluate import classification_report
 
 
 def plot_history(history_csv: Path, out_png: Path) -> None:
@@ -46,7 +46,9 @@ def plot_confusion(metrics: dict[str, Any], out_png: Path, title: str) -> None:
     peak = max(max(row) for row in matrix) or 1
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+            ax.text(
+                j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black"
+            )
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -112,8 +112,11 @@ def train(
             keep[np.flatnonzero(scans.labels == k)[:limit_per_class]] = True
         scans = scans.subset(keep)
     train_set, val_set = leak_free_split(scans, recipe.validation_fraction, recipe.split_seed)
-    print(f"data: {len(train_set.labels)} train / {len(val_set.labels)} validation scans "
-          f"(duplicate groups kept on one side), fingerprint {scans.fingerprint}", file=sys.stderr)
+    print(
+        f"data: {len(train_set.labels)} train / {len(val_set.labels)} validation scans "
+        f"(duplicate groups kept on one side), fingerprint {scans.fingerprint}",
+        file=sys.stderr,
+    )
     train_data = to_dataset(train_set.pixels, train_set.labels, recipe, shuffle=True, seed=recipe.split_seed)
     val_data = to_dataset(val_set.pixels, val_set.labels, recipe, shuffle=False, seed=recipe.split_seed)
     steps_per_epoch = int(np.ceil(len(train_set.labels) / recipe.batch_size))
@@ -128,8 +131,10 @@ def train(
         # weights here instead: a re-run resumes after it rather than training it again.
         stage_done = checkpoints / f"stage{stage_index}-done.weights.h5"
         if stage_done.exists():
-            print(f"stage {stage_index}/{len(recipe.stages)}: finished in an earlier run, resuming after it",
-                  file=sys.stderr)
+            print(
+                f"stage {stage_index}/{len(recipe.stages)}: finished in an earlier run, resuming after it",
+                file=sys.stderr,
+            )
             trainable.load_weights(str(stage_done))
             first_epoch += stage.epochs
             continue
@@ -149,48 +154,129 @@ def train(
         callbacks += [
             keras.callbacks.BackupAndRestore(str(checkpoints / f"backup-stage{stage_index}")),
             keras.callbacks.ModelCheckpoint(
-                str(best_weights), monitor="val_accuracy", mode="max", save_best_only=True,
-                save_weights_only=True, initial_value_threshold=_best_so_far(reports / "history.csv"),
+                str(best_weights),
+                monitor="val_accuracy",
+                mode="max",
+                save_best_only=True,
+                save_weights_only=True,
+                initial_value_threshold=_best_so_far(reports / "history.csv"),
             ),
             keras.callbacks.CSVLogger(str(reports / "history.csv"), append=True),
         ]
         if recipe.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=recipe.early_stopping_patience))
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy", mode="max", patience=recipe.early_stopping_patience
+                )
+            )
         callbacks += extra_callbacks or []
-        print(f"stage {stage_index}/{len(recipe.stages)}: {stage.epochs} epochs at learning rate "
-              f"{stage.learning_rate:g}", file=sys.stderr)
+        print(
+            f"stage {stage_index}/{len(recipe.stages)}: {stage.epochs} epochs at learning rate "
+            f"{stage.learning_rate:g}",
+            file=sys.stderr,
+        )
         trainable.fit(
-            train_data, validation_data=val_data, initial_epoch=first_epoch,
-            epochs=first_epoch + stage.epochs, callbacks=callbacks, verbose=verbose,
+            train_data,
+            validation_data=val_data,
+            initial_epoch=first_epoch,
+            epochs=first_epoch + stage.epochs,
+            callbacks=callbacks,
+            verbose=verbose,
         )
         trainable.save_weights(str(stage_done))
         first_epoch += stage.epochs
-    last_epoch_accuracy = _last_value(reports / "history.csv", "val_accuracy")
 
     # 3. Best epoch -> evaluation -> export -> reports.
     if best_weights.exists():
         trainable.load_weights(str(best_weights))
+    return finish(
+        model,
+        recipe,
+        train_set,
+        val_set,
+        out_dir,
+        data_dir=data_dir,
+        weights=weights,
+        test_dir=test_dir,
+        cache_dir=cache_dir,
+        name=name,
+        version=version,
+        started=started,
+    )
+
+
+def recalibrate_batchnorm(model, pixels: np.ndarray, recipe: Recipe, batches: int = 50) -> None:  # type: ignore[no-untyped-def]
+    """Recompute BatchNorm statistics for the weights the model holds now ("precise BN").
+
+    The exported weights are an exponential moving average, but each BatchNorm layer's running
+    statistics were gathered under the raw weights of the last steps. Re-estimating them under the
+    averaged weights, as a plain mean over un-augmented training batches, removes that mismatch.
+    """
+    import keras
+
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return
+    saved_momentum = [layer.momentum for layer in norms]
+    order = np.random.default_rng(recipe.split_seed).permutation(len(pixels))
+    size = recipe.batch_size * 2
+    for step in range(1, min(batches, len(pixels) // size) + 1):
+        for layer in norms:
+            layer.momentum = 1.0 - 1.0 / step  # a running mean: batch k weighs 1/k
+        batch = pixels[order[(step - 1) * size : step * size]].astype(np.float32)
+        model(normalize(batch, recipe.preprocessing), training=True)
+    for layer, momentum in zip(norms, saved_momentum, strict=True):
+        layer.momentum = momentum
+
+
+def finish(  # type: ignore[no-untyped-def]
+    model,
+    recipe: Recipe,
+    train_set,
+    val_set,
+    out_dir: Path,
+    *,
+    data_dir: Path,
+    weights: str | None,
+    test_dir: Path | None,
+    cache_dir: Path | None,
+    name: str | None,
+    version: str | None,
+    started: float,
+) -> ModelCard:
+    """The chosen weights -> BatchNorm recalibration -> evaluation -> SavedModel + card + reports."""
     from training.evaluate import classification_metrics
     from training.reports import plot_history, write_evaluation
 
+    reports = out_dir / "reports"
+    last_epoch_accuracy = _last_value(reports / "history.csv", "val_accuracy")
+    if recipe.ema_momentum:
+        recalibrate_batchnorm(model, train_set.pixels, recipe)
     val_metrics = classification_metrics(predict_pixels(model, val_set.pixels, recipe), val_set.labels)
-    write_evaluation(val_metrics, reports, "validation", f"{arch} on the leak-free validation split")
+    write_evaluation(val_metrics, reports, "validation", f"{recipe.arch} on the leak-free validation split")
     plot_history(reports / "history.csv", reports / "curves.png")
     metrics = {
         "val_accuracy": val_metrics["accuracy"],
         "val_loss": val_metrics["loss"],
         "val_n": val_metrics["n"],
+        "val_accuracy_best_epoch_before_recalibration": _best_so_far(reports / "history.csv"),
         "val_accuracy_last_epoch": last_epoch_accuracy,
     }
     if test_dir:
         # Touched once, at the very end: never used to choose anything.
-        test_scans = load_scanset(Path(test_dir), spec, cache_dir)
-        test_metrics = classification_metrics(predict_pixels(model, test_scans.pixels, recipe), test_scans.labels)
-        write_evaluation(test_metrics, reports, "test", f"{arch} on {test_dir}")
-        metrics.update(test_accuracy=test_metrics["accuracy"], test_loss=test_metrics["loss"], test_n=test_metrics["n"])
+        test_scans = load_scanset(Path(test_dir), input_spec(recipe), cache_dir)
+        test_metrics = classification_metrics(
+            predict_pixels(model, test_scans.pixels, recipe), test_scans.labels
+        )
+        write_evaluation(test_metrics, reports, "test", f"{recipe.arch} on {test_dir}")
+        metrics.update(
+            test_accuracy=test_metrics["accuracy"], test_loss=test_metrics["loss"], test_n=test_metrics["n"]
+        )
 
     model.export(str(out_dir), format="tf_saved_model", verbose=False)
+    # The same network as a Keras file: Grad-CAM (worker/gradcam.py) needs its inner feature maps,
+    # which a SavedModel's restored functions do not expose.
+    model.save(str(out_dir / "model.keras"))
     wall_seconds = round(time.monotonic() - started, 1)
     card = ModelCard(
         name=name or out_dir.parent.name,
@@ -200,9 +286,9 @@ def train(
         channels=recipe.channels,
         preprocessing=recipe.preprocessing,  # type: ignore[arg-type]
         crop=recipe.crop,  # type: ignore[arg-type]
-        architecture=arch,
+        architecture=recipe.arch,
         metrics=metrics,
-        data_fingerprint=scans.fingerprint,
+        data_fingerprint=train_set.fingerprint,
         training={
             "data_dir": str(data_dir),
             "train_counts": class_counts(train_set.labels),
@@ -211,7 +297,7 @@ def train(
             "weights": weights or "none",
             "parameters": int(model.count_params()),
             "wall_seconds": wall_seconds,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )

@@ -19,7 +19,10 @@ behind a queued archive's messages, only behind the flush the worker is already 
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
+from celery.schedules import crontab
 
 from brainscan.settings import Settings, get_settings
 
@@ -31,6 +34,45 @@ QUEUE = "brainscan"
 PRIORITY_STEPS = [0, 3, 6, 9]
 URGENT_PRIORITY = 0  # also what a message without a priority gets (beat's reaper runs)
 BULK_PRIORITY = 9
+
+
+# ---- brainscan: auxiliary tasks (worker/gradcam.py, worker/nightly.py, worker/notify.py) ----------
+# On their own queues, so a slow webhook receiver or a long Grad-CAM never sits in the scoring lane's
+# lists; ``brainscan worker`` consumes all of WORKER_QUEUES by default.
+GRADCAM_TASK = "brainscan.gradcam"
+NIGHTLY_TASK = "brainscan.nightly"
+NOTIFY_TASK = "brainscan.notify_job"
+AUX_QUEUE = "brainscan.aux"  # Grad-CAM and the nightly inbox scan
+NOTIFY_QUEUE = "brainscan.notify"  # job-finished webhooks
+WORKER_QUEUES = (QUEUE, AUX_QUEUE, NOTIFY_QUEUE)
+AUX_MODULES = ["worker.gradcam", "worker.nightly", "worker.notify"]
+AUX_ROUTES = {
+    GRADCAM_TASK: {"queue": AUX_QUEUE},
+    NIGHTLY_TASK: {"queue": AUX_QUEUE},
+    NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
+}
+
+
+def parse_cron(expression: str) -> crontab:
+    """``settings.nightly_cron`` ("minute hour day-of-month month day-of-week", UTC) -> crontab."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"BRAINSCAN_NIGHTLY_CRON={expression!r}: want 5 crontab fields, "
+            "'minute hour day-of-month month day-of-week' (e.g. '0 2 * * *')"
+        )
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return crontab(minute, hour, day_of_week, day_of_month, month_of_year)
+    except Exception as exc:  # celery raises ValueError / ParseException subclasses
+        raise ValueError(f"BRAINSCAN_NIGHTLY_CRON={expression!r}: {exc}") from None
+
+
+def aux_beat_schedule(settings: Settings) -> dict:
+    return {"nightly-inbox": {"task": NIGHTLY_TASK, "schedule": parse_cron(settings.nightly_cron)}}
+
+
+# ---- end auxiliary tasks -------------------------------------------------------------------------
 
 
 def celery_config(settings: Settings) -> dict:
@@ -68,7 +110,7 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,
         "result_backend": None,
         "task_default_queue": QUEUE,
-        "task_routes": {SCORE_TASK: {"queue": QUEUE}, REAP_TASK: {"queue": QUEUE}},
+        "task_routes": {SCORE_TASK: {"queue": QUEUE}, REAP_TASK: {"queue": QUEUE}, **AUX_ROUTES},
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
         "worker_send_task_events": False,
@@ -80,15 +122,29 @@ def celery_config(settings: Settings) -> dict:
                 "schedule": float(settings.reaper_interval_s),
                 # A reaper run that waited longer than an interval is superseded by the next one.
                 "options": {"expires": float(settings.reaper_interval_s)},
-            }
+            },
+            **aux_beat_schedule(settings),
         },
     }
 
 
 def create_app(settings: Settings | None = None, set_as_current: bool = True) -> Celery:
-    celery_app = Celery("brainscan", include=["worker.tasks"], set_as_current=set_as_current)
+    celery_app = Celery("brainscan", include=["worker.tasks", *AUX_MODULES], set_as_current=set_as_current)
     celery_app.conf.update(celery_config(settings or get_settings()))
     return celery_app
 
 
 app = create_app()
+
+
+# ---- brainscan: JSON logs in workers and beat (settings.log_format) ------------------------------
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _json_logs(logger: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    if settings.log_format != "json" or logger is None:
+        return
+    from brainscan.logs import JsonFormatter
+
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter())

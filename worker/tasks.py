@@ -200,13 +200,19 @@ def finalize(outcomes: Iterable[Outcome], model_name: str, model_version: str) -
                     model_version=case((Job.model_version == "", model_version), else_=Job.model_version),
                 )
             )
-        if moved:
-            _close_finished_jobs(session, list(moved), now)
+        closed = _close_finished_jobs(session, list(moved), now) if moved else []
+    # brainscan: webhooks -- only for jobs this (now committed) transaction closed: a redelivered
+    # batch closes nothing, so it never notifies twice (worker/notify.py).
+    if closed:
+        from worker.notify import enqueue_notifications
+
+        enqueue_notifications(closed)
     return {job: (d, f) for job, (d, f) in moved.items()}
 
 
-def _close_finished_jobs(session: Session, job_ids: list[str], now: Any) -> None:
-    session.execute(
+def _close_finished_jobs(session: Session, job_ids: list[str], now: Any) -> list[str]:
+    """Close the finished jobs among ``job_ids``; returns those closed here that have a callback_url."""
+    closed = session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.finished_at.is_(None), Job.done + Job.failed >= Job.total)
         .values(
@@ -217,7 +223,9 @@ def _close_finished_jobs(session: Session, job_ids: list[str], now: Any) -> None
             ),
             finished_at=now,
         )
-    )
+        .returning(Job.id, Job.callback_url)
+    ).all()
+    return [row.id for row in closed if row.callback_url]
 
 
 # ---- scoring ---------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ UPLOAD_BODY = {
                         "description": "JPEG/PNG scans, or .zip / .tar / .tar.gz archives of them.",
                     },
                     "callback_url": {"type": "string", "description": "http(s) URL called when done."},
+                    "gradcam": {
+                        "type": "boolean",
+                        "description": "true: workers also compute each scan's Grad-CAM overlay "
+                        "(GET /v1/items/{id}/gradcam.png).",
+                    },
                 },
             }
         }
@@ -103,6 +108,8 @@ async def submit_job(
     finally:
         form.cleanup()
     job = submitted.job
+    if _flag(form.fields.get("gradcam")):  # Grad-CAM overlays, queued apart from scoring
+        await run_in_threadpool(_request_heatmaps, session, job.id)
     status_url = str(request.url_for("get_job", job_id=job.id))
     body = {
         "id": job.id,
@@ -113,6 +120,20 @@ async def submit_job(
         "status_url": status_url,
     }
     return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED, headers={"Location": status_url})
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _request_heatmaps(session: Session, job_id: str) -> None:
+    from sqlalchemy import select
+
+    from brainscan.db import Item
+    from brainscan.heatmaps import request_heatmaps
+
+    ids = session.scalars(select(Item.id).where(Item.job_id == job_id, Item.sha256.is_not(None))).all()
+    request_heatmaps(ids)  # best effort: GET gradcam.png computes on demand anyway
 
 
 def _callback_url(value: str | None) -> str | None:

@@ -242,9 +242,15 @@ function bars(probabilities) {
 
 // -- viewer and CSV --------------------------------------------------------------------------------
 
-async function imageInto(img, path) {
-  const response = await api(path);
-  if (!response.ok) return response.status;
+async function imageInto(img, path, polls = 30) {
+  let response = await api(path);
+  // 202: a worker is computing it (Grad-CAM); ask again after the server's Retry-After.
+  while (response.status === 202 && polls-- > 0) {
+    const wait = Number(response.headers.get("Retry-After")) || 2;
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+    response = await api(path);
+  }
+  if (response.status !== 200) return response.status;
   const url = URL.createObjectURL(await response.blob());
   viewerUrls.push(url);
   img.src = url;

@@ -61,7 +61,13 @@ def worker(
     concurrency: int = typer.Option(
         1, min=1, help="Scoring processes. 1 = solo pool (one model, this process); N = prefork children."
     ),
-    queues: str = typer.Option("brainscan", "--queues", "-Q", help="Comma-separated queues to consume."),
+    queues: str = typer.Option(
+        # Scoring, then Grad-CAM + nightly, then webhooks (worker/celery.py WORKER_QUEUES).
+        "brainscan,brainscan.aux,brainscan.notify",
+        "--queues",
+        "-Q",
+        help="Comma-separated queues to consume.",
+    ),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
     hostname: str = typer.Option("", help="Celery node name (default brainscan-<pid>@<host>)."),
 ) -> None:
