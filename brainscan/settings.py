@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     max_items_per_job: int = Field(20_000, ge=1, description="Most scans one job may hold.")
 
     # HTTP.
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Address the API binds (and the CLI calls).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
 
     # Nightly scoring.
     nightly_cron: str = Field("0 2 * * *", description="Crontab (UTC) for the nightly inbox scan.")
