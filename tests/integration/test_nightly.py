@@ -27,7 +27,8 @@ MODEL = "nightly-model"
 
 
 @pytest.fixture(scope="module")
-def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_repo(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Per backend (see test_rollout.py): the re-score test promotes version 2.
     from modelfactory import build_tiny_model
 
     model_dir = tmp_path_factory.mktemp("nightly-models")

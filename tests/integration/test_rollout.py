@@ -24,7 +24,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_versions(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Depends on ``backend`` so that each backend gets a fresh repository: the first backend's test
+    # promotes version 2, which the second must not inherit.
     from modelfactory import build_tiny_model
 
     model_dir = tmp_path_factory.mktemp("rollout-models")

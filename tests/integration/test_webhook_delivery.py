@@ -46,7 +46,8 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
+def receiver(backend: Backend) -> Iterator[Receiver]:
+    # One receiver per backend, so one backend's deliveries never show up in the other's assertions.
     receiver = Receiver()
     yield receiver
     receiver.server.shutdown()
