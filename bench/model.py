@@ -72,7 +72,9 @@ def resnet50_architecture(folder: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the served model)")
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
@@ -102,7 +104,9 @@ def main() -> None:
             for size in batches:
                 batch = rng.uniform(0, 255, (size, h, w, scorer.card.channels)).astype(np.float32)
                 rows[label][size] = sps = measure(scorer.predict, batch, args.seconds)
-                achieved = f"  {sps * flops:.0f} GFLOP/s ({100 * sps * flops / peak:.0f}% of peak)" if flops else ""
+                achieved = (
+                    f"  {sps * flops:.0f} GFLOP/s ({100 * sps * flops / peak:.0f}% of peak)" if flops else ""
+                )
                 print(f"{label:>28}  batch {size:>3}: {sps:8.1f} scans/s{achieved}", flush=True)
     model_label = next(iter(rows))
     at = 32 if 32 in batches else batches[-1]
