@@ -53,7 +53,8 @@ def forward_gflops(model_path: Path) -> float | None:
         spec = frozen.inputs[0]
         shape = [1, *spec.shape[1:]]
         concrete = tf.function(lambda x: frozen(x)).get_concrete_function(tf.TensorSpec(shape, tf.float32))
-        opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+        builder = tf.compat.v1.profiler.ProfileOptionBuilder
+        opts = builder(builder.float_operation()).with_empty_output().build()
         info = tf.compat.v1.profiler.profile(graph=concrete.graph, options=opts)
         return info.total_float_ops / 1e9 if info.total_float_ops else None
     except Exception:  # profiler APIs move between TF versions; FLOPs are a nice-to-have here

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brainscan.queueing import redis_ping
 from brainscan.settings import Settings
 
 DEV_KEY_NAME = "dev (brainscan up)"
@@ -120,19 +121,6 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, child: Ch
             raise StackError(f"{child.name} exited with code {child.process.returncode} while {what}")
         time.sleep(0.1)
     raise StackError(f"timed out after {timeout_s:.0f}s {what}")
-
-
-def redis_ping(url: str) -> bool:
-    try:
-        import redis
-
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
 
 
 def start_redis(data_dir: Path, port: int | None = None, persist: bool = True) -> tuple[Child, str]:

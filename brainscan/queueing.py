@@ -152,19 +152,22 @@ def ping_workers(timeout: float = 1.0) -> int:
         return 0
 
 
-def broker_reachable(timeout: float = 1.0) -> bool:
+def redis_ping(url: str, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING at ``url`` within ``timeout`` seconds."""
     try:
         import redis
 
-        client = redis.Redis.from_url(
-            get_settings().broker_url, socket_connect_timeout=timeout, socket_timeout=timeout
-        )
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         try:
             return bool(client.ping())
         finally:
             client.close()
     except Exception:
         return False
+
+
+def broker_reachable(timeout: float = 1.0) -> bool:
+    return redis_ping(get_settings().broker_url, timeout)
 
 
 def _why(exc: BaseException) -> str:

@@ -123,7 +123,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The system Redis (CI) on a dedicated db number, flushed at the start of the session."""
-    from brainscan.embedded import redis_ping
+    from brainscan.queueing import redis_ping
 
     if not redis_ping(REDIS_TEST_URL):
         pytest.skip(f"Redis is not reachable at {REDIS_TEST_URL}")

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 from conftest import PG_ADMIN_URL, Backend, Service, spawn_service, wait_for
 
-from brainscan.embedded import Child, find_redis_server, free_port, redis_ping, spawn
+from brainscan.embedded import Child, find_redis_server, free_port, spawn
+from brainscan.queueing import redis_ping
 
 
 # ---- Redis that can be stopped and started on the same port ------------------------------------
