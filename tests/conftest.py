@@ -306,11 +306,8 @@ def worker_process(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -
     service.stop()
 
 
-@pytest.fixture(scope="module")
-def api_server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real API (``brainscan api``: uvicorn) on a free port; yields its base URL."""
-    if not (ROOT / "api" / "app.py").is_file():
-        pytest.skip("api/app.py is not written yet")
+def start_api(backend: Backend, log_dir: Path, **env: str) -> tuple[Service, str]:
+    """A real API process (``brainscan api``: uvicorn) on a free port, up and answering /healthz."""
     import httpx
 
     from brainscan.embedded import free_port
@@ -319,8 +316,8 @@ def api_server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> It
     service = spawn_service(
         "api",
         [sys.executable, "-m", "brainscan.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        backend.env(BRAINSCAN_HOST="127.0.0.1", BRAINSCAN_PORT=str(port)),
-        tmp_path_factory.mktemp("logs"),
+        backend.env(BRAINSCAN_HOST="127.0.0.1", BRAINSCAN_PORT=str(port), **env),
+        log_dir,
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -333,7 +330,18 @@ def api_server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> It
             return False
 
     try:
-        wait_for(up, timeout_s=60, what="the API")
+        wait_for(up, timeout_s=90, what="the API")
+    except BaseException:
+        service.stop()
+        raise
+    return service, url
+
+
+@pytest.fixture(scope="module")
+def api_server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real API on a free port, one per module and backend; yields its base URL."""
+    service, url = start_api(backend, tmp_path_factory.mktemp("logs"))
+    try:
         yield url
     finally:
         service.stop()

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 from conftest import PG_ADMIN_URL, Backend, Service, spawn_service, wait_for
 
 from brainscan.embedded import Child, find_redis_server, free_port, spawn
@@ -159,32 +158,6 @@ def pg_reachable() -> bool:
 
 
 # ---- API and beat processes ------------------------------------------------------------------
-def start_api(backend: Backend, log_dir: Path, **env: str) -> tuple[Service, str]:
-    port = free_port()
-    service = spawn_service(
-        "api",
-        [sys.executable, "-m", "brainscan.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        backend.env(BRAINSCAN_HOST="127.0.0.1", BRAINSCAN_PORT=str(port), **env),
-        log_dir,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if not service.alive():
-            raise AssertionError(f"API exited:\n{service.log()[-4000:]}")
-        try:
-            return httpx.get(url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, timeout_s=90, what="the API")
-    except BaseException:
-        service.stop()
-        raise
-    return service, url
-
-
 def start_beat(backend: Backend, log_dir: Path, **env: str) -> Service:
     return spawn_service(
         "beat",

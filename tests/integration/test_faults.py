@@ -24,7 +24,7 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_worker, wait_for
+from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_api, start_worker, wait_for
 from faultkit import (
     RedisServer,
     TcpProxy,
@@ -32,7 +32,6 @@ from faultkit import (
     fresh_postgres,
     make_key,
     pg_reachable,
-    start_api,
     start_beat,
 )
 from PIL import Image

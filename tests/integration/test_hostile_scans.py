@@ -24,8 +24,8 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_worker, wait_for
-from faultkit import RedisServer, fresh_postgres, make_key, pg_reachable, start_api
+from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_api, start_worker, wait_for
+from faultkit import RedisServer, fresh_postgres, make_key, pg_reachable
 from PIL import Image
 from sqlalchemy import select
 

@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import httpx
 import pytest
-from conftest import ROOT, Backend, Service, job_finished, make_jpeg, start_worker, wait_for
-from faultkit import RedisServer, fresh_postgres, make_key, pg_reachable, start_api
+from conftest import ROOT, Backend, Service, job_finished, make_jpeg, start_api, start_worker, wait_for
+from faultkit import RedisServer, fresh_postgres, make_key, pg_reachable
 from PIL import Image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
