@@ -1,7 +1,7 @@
 """End to end: a 1,000-scan archive through the HTTP API, against the model-only and naive figures.
 
     .venv/bin/python bench/e2e.py                              # own embedded stack, ResNet50 architecture
-    .venv/bin/python bench/e2e.py --model models/brainscan-compact/1
+    .venv/bin/python bench/e2e.py --model models/brainscan-compact/2
     .venv/bin/python bench/e2e.py --format tflite-int8         # the int8 variant (exported here if missing)
     .venv/bin/python bench/e2e.py --workers 2 --tf-threads 1   # two processes with one core each
     .venv/bin/python bench/e2e.py --url http://127.0.0.1:8000 --key bs_... --model DIR

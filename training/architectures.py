@@ -45,7 +45,7 @@ class CompactShape:
     widths: tuple[int, ...] = (32, 64, 128, 256)  # channels of the four stages
     blocks: tuple[int, ...] = (1, 2, 2, 1)  # residual blocks per stage
     stem_width: int = 24
-    dropout: float = 0.2
+    dropout: float = 0.3
 
 
 def _residual_block(x, width: int, stride: int, name: str):  # type: ignore[no-untyped-def]
@@ -89,9 +89,9 @@ def build_compact(input_size: int, channels: int = 1, shape: CompactShape | None
 @dataclass(frozen=True)
 class Augmentation:
     rotation_degrees: float = 15.0
-    shift: float = 0.08
+    shift: float = 0.1
     shear: float = 0.0
-    zoom: float = 0.12
+    zoom: float = 0.15
     horizontal_flip: bool = True
     contrast: float = 0.15
     brightness: float = 0.1

@@ -7,6 +7,7 @@ Plain Keras 3 (backend-agnostic). ``RESNET50_RECIPE`` is the original project's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import keras
 
@@ -39,7 +40,9 @@ class Recipe:
     validation_fraction: float = 0.15
     split_seed: int = 1337
     compact_shape: CompactShape = field(default_factory=CompactShape)
-    flip_averaging: bool = False  # average predictions over the scan and its mirror image
+    # "mixed_bfloat16" trains in bfloat16 where the hardware has it (AVX-512 BF16 / AMX, or a GPU),
+    # float32 elsewhere; variables and the exported model stay float32 either way.
+    precision: str = "float32"
 
     @property
     def epochs(self) -> int:
@@ -63,13 +66,14 @@ RESNET50_RECIPE = Recipe(
 
 COMPACT_RECIPE = Recipe(
     arch="compact",
-    input_size=128,
+    input_size=192,
     channels=1,
     crop="brain",
     preprocessing="none",
     batch_size=32,
-    stages=(Stage(epochs=30, learning_rate=2e-3),),
+    stages=(Stage(epochs=60, learning_rate=2e-3),),
     augmentation=Augmentation(),
+    precision="mixed_bfloat16",
     optimizer="adamw",
     weight_decay=0.05,
     warmup_epochs=2,
@@ -91,6 +95,30 @@ def with_overrides(recipe: Recipe, epochs: int | None = None, batch_size: int | 
     if batch_size is not None:
         recipe = replace(recipe, batch_size=batch_size)
     return recipe
+
+
+def bf16_hardware() -> bool:
+    """Whether bfloat16 arithmetic is native here: a GPU, or a CPU with AVX-512 BF16 or AMX."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            return True
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []
+    )
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_precision(recipe: Recipe) -> str:
+    """The Keras dtype policy to train under: the recipe's, unless the hardware would emulate bfloat16."""
+    if recipe.precision == "mixed_bfloat16" and not bf16_hardware():
+        return "float32"  # emulated bfloat16 is slower than float32, not faster
+    return recipe.precision
 
 
 def learning_rate_schedule(recipe: Recipe, stage: Stage, steps_per_epoch: int):  # type: ignore[no-untyped-def]

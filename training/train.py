@@ -25,7 +25,15 @@ from brainscan import CLASSES
 from brainscan.imaging import InputSpec, normalize
 from brainscan.modelrepo import ModelCard
 from training.data import class_counts, leak_free_split, load_scanset
-from training.recipe import RECIPES, Recipe, make_loss, make_optimizer, training_model, with_overrides
+from training.recipe import (
+    RECIPES,
+    Recipe,
+    make_loss,
+    make_optimizer,
+    training_model,
+    training_precision,
+    with_overrides,
+)
 
 
 def input_spec(recipe: Recipe) -> InputSpec:
@@ -97,6 +105,7 @@ def train(
 
     started = time.monotonic()
     recipe = with_overrides(RECIPES[arch], epochs=epochs, batch_size=batch_size)
+    precision = training_precision(recipe)
     spec = input_spec(recipe)
     out_dir = Path(out_dir)
     checkpoints, reports = out_dir / "checkpoints", out_dir / "reports"
@@ -121,8 +130,14 @@ def train(
     val_data = to_dataset(val_set.pixels, val_set.labels, recipe, shuffle=False, seed=recipe.split_seed)
     steps_per_epoch = int(np.ceil(len(train_set.labels) / recipe.batch_size))
 
-    # 2. Model and training, stage by stage.
-    model, backbone = build_model(recipe, weights)
+    # 2. Model and training, stage by stage, under the training precision (float32 variables either way).
+    print(f"precision: {precision}", file=sys.stderr)
+    saved_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model, backbone = build_model(recipe, weights)
+    finally:
+        keras.mixed_precision.set_global_policy(saved_policy)
     trainable = training_model(with_input_normalisation(model, recipe), recipe, seed=recipe.split_seed)
     best_weights = checkpoints / "best.weights.h5"
     first_epoch = 0
@@ -186,9 +201,13 @@ def train(
         trainable.save_weights(str(stage_done))
         first_epoch += stage.epochs
 
-    # 3. Best epoch -> evaluation -> export -> reports.
+    # 3. Best epoch -> evaluation -> export -> reports, in float32: served models never depend on bf16.
     if best_weights.exists():
         trainable.load_weights(str(best_weights))
+    if precision != "float32":
+        served, _ = build_model(recipe, weights)
+        served.set_weights(model.get_weights())
+        model = served
     return finish(
         model,
         recipe,
@@ -295,15 +314,26 @@ def finish(  # type: ignore[no-untyped-def]
             "validation_counts": class_counts(val_set.labels),
             "recipe": _jsonable(asdict(recipe)),
             "weights": weights or "none",
+            "precision": training_precision(recipe),
             "parameters": int(model.count_params()),
             "wall_seconds": wall_seconds,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "machine": f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
     card.write(out_dir)
     (reports / "split.json").write_text(json.dumps({"validation": val_set.paths}, indent=1) + "\n")
     return card
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def _best_so_far(history_csv: Path) -> float | None:

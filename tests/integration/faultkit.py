@@ -18,8 +18,10 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-from conftest import PG_ADMIN_URL, Backend, Service, spawn_service, wait_for
+import pytest
+from conftest import PG_ADMIN_URL, Backend, Service, spawn_service, start_api, start_worker, wait_for
 
 from brainscan.embedded import Child, find_redis_server, free_port, spawn
 from brainscan.queueing import redis_ping
@@ -175,6 +177,38 @@ def make_key(backend: Backend, name: str = "") -> tuple[int, str]:
         key, plaintext = auth.create_key(session, name or f"fault-{uuid.uuid4().hex[:6]}")
         session.flush()
         return key.id, plaintext
+
+
+# ---- a whole private stack for one test module ---------------------------------------------------
+class PrivateStack(NamedTuple):
+    backend: Backend
+    url: str
+    headers: dict[str, str]  # an API key's Authorization header
+    api: Service
+    worker: Service
+    root: Path
+
+
+@contextlib.contextmanager
+def private_stack(root: Path, model_dir: Path) -> Iterator[PrivateStack]:
+    """Its own Redis, a fresh PostgreSQL database, the API and one worker as processes, and a key."""
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    redis = RedisServer(root / "redis")
+    redis.start()
+    try:
+        with fresh_postgres() as database_url:
+            backend = Backend("postgres", database_url, redis.url, root / "var", model_dir)
+            api, url = start_api(backend, root / "logs")
+            worker = start_worker(backend, root / "logs")
+            _, key = make_key(backend)
+            try:
+                yield PrivateStack(backend, url, {"Authorization": f"Bearer {key}"}, api, worker, root)
+            finally:
+                worker.stop()
+                api.stop()
+    finally:
+        redis.stop()
 
 
 # ---- a model that refuses one kind of scan -----------------------------------------------------

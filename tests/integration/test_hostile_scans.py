@@ -19,13 +19,12 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import httpx
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_api, start_worker, wait_for
-from faultkit import RedisServer, fresh_postgres, make_key, pg_reachable
+from conftest import Backend, create_job, job_finished, make_jpeg, wait_for
+from faultkit import PrivateStack, private_stack
 from PIL import Image
 from sqlalchemy import select
 
@@ -35,33 +34,10 @@ from brainscan.intake import describe_unsupported
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-class Stack(NamedTuple):
-    backend: Backend
-    url: str
-    headers: dict[str, str]
-    worker: Service
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    if not pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    root = tmp_path_factory.mktemp("hostile")
-    redis = RedisServer(root / "redis")
-    redis.start()
-    try:
-        with fresh_postgres() as database_url:
-            backend = Backend("postgres", database_url, redis.url, root / "var", tiny_model_dir)
-            api, url = start_api(backend, root / "logs")
-            worker = start_worker(backend, root / "logs")
-            _, key = make_key(backend)
-            try:
-                yield Stack(backend, url, {"Authorization": f"Bearer {key}"}, worker)
-            finally:
-                worker.stop()
-                api.stop()
-    finally:
-        redis.stop()
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[PrivateStack]:
+    with private_stack(tmp_path_factory.mktemp("hostile"), tiny_model_dir) as running:
+        yield running
 
 
 # ---- the hostile and unusual scans ---------------------------------------------------------------
@@ -127,7 +103,7 @@ def items_of(backend: Backend, job_id: str) -> dict[str, Item]:
         return {i.filename: i for i in session.scalars(select(Item).where(Item.job_id == job_id))}
 
 
-def post(stack: Stack, files: list[tuple[str, bytes]]) -> dict:  # type: ignore[type-arg]
+def post(stack: PrivateStack, files: list[tuple[str, bytes]]) -> dict:  # type: ignore[type-arg]
     response = httpx.post(
         f"{stack.url}/v1/jobs",
         headers=stack.headers,
@@ -138,7 +114,7 @@ def post(stack: Stack, files: list[tuple[str, bytes]]) -> dict:  # type: ignore[
     return response.json()
 
 
-def finished_job(stack: Stack, job_id: str) -> dict:  # type: ignore[type-arg]
+def finished_job(stack: PrivateStack, job_id: str) -> dict:  # type: ignore[type-arg]
     wait_for(lambda: job_finished(stack.backend, job_id), what="the job to finish")
     response = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers, timeout=30)
     assert response.status_code == 200
@@ -146,7 +122,7 @@ def finished_job(stack: Stack, job_id: str) -> dict:  # type: ignore[type-arg]
 
 
 # ---- tests -------------------------------------------------------------------------------------------
-def test_one_job_of_hostile_and_unusual_scans(stack: Stack) -> None:
+def test_one_job_of_hostile_and_unusual_scans(stack: PrivateStack) -> None:
     good = {name: make() for name, make in SCORED.items()}
     truncated = make_jpeg(9, size=(64, 64))
     bad = {
@@ -188,7 +164,7 @@ def test_one_job_of_hostile_and_unusual_scans(stack: Stack) -> None:
     assert stack.worker.alive()
 
 
-def test_worker_judges_hostile_scans_that_bypassed_intake(stack: Stack) -> None:
+def test_worker_judges_hostile_scans_that_bypassed_intake(stack: PrivateStack) -> None:
     """Defence in depth: scans stored without intake (e.g. another intake path) meet the worker's checks."""
     from brainscan.queueing import enqueue_job
 
@@ -253,7 +229,7 @@ def many_entries_zip(entries: int) -> bytes:
     return local.getvalue() + directory + zip64_end + locator + end
 
 
-def test_archive_with_100000_entries_is_refused_whole(stack: Stack) -> None:
+def test_archive_with_100000_entries_is_refused_whole(stack: PrivateStack) -> None:
     data = many_entries_zip(100_000)
     with zipfile.ZipFile(io.BytesIO(data)) as check:  # a valid archive, as the standard library sees it
         assert len(check.infolist()) == 100_000

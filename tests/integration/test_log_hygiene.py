@@ -17,12 +17,11 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import httpx
 import pytest
-from conftest import ROOT, Backend, Service, job_finished, make_jpeg, start_api, start_worker, wait_for
-from faultkit import RedisServer, fresh_postgres, make_key, pg_reachable
+from conftest import ROOT, job_finished, make_jpeg, wait_for
+from faultkit import PrivateStack, make_key, private_stack
 from PIL import Image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,33 +32,10 @@ TEXT_MARKER = f"PATIENT-NAME-{MARK}"
 NAME_MARKER = f"FILENAME-{MARK}"
 
 
-class Stack(NamedTuple):
-    backend: Backend
-    url: str
-    api: Service
-    worker: Service
-    root: Path
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    if not pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    root = tmp_path_factory.mktemp("hygiene")
-    redis = RedisServer(root / "redis")
-    redis.start()
-    try:
-        with fresh_postgres() as database_url:
-            backend = Backend("postgres", database_url, redis.url, root / "var", tiny_model_dir)
-            api, url = start_api(backend, root / "logs")
-            worker = start_worker(backend, root / "logs")
-            try:
-                yield Stack(backend, url, api, worker, root)
-            finally:
-                worker.stop()
-                api.stop()
-    finally:
-        redis.stop()
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[PrivateStack]:
+    with private_stack(tmp_path_factory.mktemp("hygiene"), tiny_model_dir) as running:
+        yield running
 
 
 def jpeg_with_comment(comment: str) -> bytes:
@@ -70,7 +46,7 @@ def jpeg_with_comment(comment: str) -> bytes:
     return data
 
 
-def test_logs_hold_no_key_no_scan_content_no_file_names(stack: Stack) -> None:
+def test_logs_hold_no_key_no_scan_content_no_file_names(stack: PrivateStack) -> None:
     _, key = make_key(stack.backend)
     headers = {"Authorization": f"Bearer {key}"}
     marked = jpeg_with_comment(CONTENT_MARKER)
@@ -108,7 +84,7 @@ def test_logs_hold_no_key_no_scan_content_no_file_names(stack: Stack) -> None:
     assert not any(NAME_MARKER in p or "passwd" in p for p in everything)
 
 
-def test_revoked_key_is_refused_immediately_by_the_running_api(stack: Stack) -> None:
+def test_revoked_key_is_refused_immediately_by_the_running_api(stack: PrivateStack) -> None:
     name = f"to-revoke-{uuid.uuid4().hex[:6]}"
     _, key = make_key(stack.backend, name)
     headers = {"Authorization": f"Bearer {key}"}

@@ -118,8 +118,22 @@ def _assert_model_folder(out: Path, arch: str) -> ModelCard:
 
 
 def test_train_compact_end_to_end(compact_model: Path) -> None:
+    import keras
+
+    from training.recipe import COMPACT_RECIPE, training_precision
+
     card = _assert_model_folder(compact_model, "compact")
-    assert (card.input_size, card.channels, card.preprocessing, card.crop) == ((128, 128), 1, "none", "brain")
+    size = COMPACT_RECIPE.input_size
+    assert (card.input_size, card.channels, card.preprocessing, card.crop) == (
+        (size, size),
+        1,
+        "none",
+        "brain",
+    )
+    # Trained in bfloat16 where the CPU has it, but what is served is float32 throughout.
+    assert card.training["precision"] == training_precision(COMPACT_RECIPE)
+    served = keras.saving.load_model(compact_model / "model.keras")
+    assert {layer.dtype_policy.name for layer in served.layers} == {"float32"}
     log = (compact_model / "reports" / "train.log").read_text()
     # Keras' progress bar (its final state: 20 training scans at batch 8 = 3 steps) and the summary.
     assert "stage 1/1" in log and "\n3/3 " in log and "validation accuracy" in log
