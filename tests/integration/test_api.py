@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_zip
 from conftest_api import Api, flushed_broker, make_api
 from PIL import Image
 from sqlalchemy import func, select
@@ -26,14 +26,6 @@ def image_bytes(fmt: str = "JPEG", seed: int = 0) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format=fmt)
-    return out.getvalue()
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
     return out.getvalue()
 
 
@@ -113,7 +105,7 @@ def test_another_keys_job_is_not_found(api: Api) -> None:
 def test_upload_images_and_zip_become_items(api: Api) -> None:
     jpeg, png = image_bytes("JPEG", 1), image_bytes("PNG", 2)
     inner_a, inner_b = image_bytes("JPEG", 3), image_bytes("PNG", 4)
-    study = zip_bytes({"study/a.jpg": inner_a, "study/sub/b.png": inner_b, "study/notes.txt": b"hi"})
+    study = make_zip({"study/a.jpg": inner_a, "study/sub/b.png": inner_b, "study/notes.txt": b"hi"})
     response = api.client.post(
         "/v1/jobs",
         headers=api.auth(),

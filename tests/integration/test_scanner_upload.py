@@ -6,12 +6,12 @@ Real database (SQLite, PostgreSQL), real Redis broker (its own db number; no wor
 from __future__ import annotations
 
 import io
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_zip
 from conftest_api import Api, flushed_broker, make_api
 from PIL import Image
 from scannerfactory import PATIENT, PATIENT_ID, make_dicom, make_nifti
@@ -32,20 +32,12 @@ def api(
     yield from make_api(database_url, scan_broker, tmp_path, monkeypatch)
 
 
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return out.getvalue()
-
-
 def test_dicom_and_nifti_in_a_zip_become_png_items(api: Api) -> None:
     frames = np.stack([np.tile(np.arange(16, dtype=np.uint16) * (i + 1), (16, 1)) for i in range(3)])
     dicom = make_dicom(frames, window=(20, 40))
     volume = np.zeros((12, 12, 6), np.float32)
     volume[2:10, 2:10, 1:5] = np.arange(8 * 8 * 4, dtype=np.float32).reshape(8, 8, 4)
-    study = zip_bytes({"study/t1.nii.gz": make_nifti(volume, gz=True), "study/IM0001": make_dicom(frames[0])})
+    study = make_zip({"study/t1.nii.gz": make_nifti(volume, gz=True), "study/IM0001": make_dicom(frames[0])})
     response = api.client.post(
         "/v1/jobs",
         headers=api.auth(),

@@ -8,13 +8,12 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import tarfile
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import make_tar, make_zip
 from PIL import Image
 from pydicom.uid import JPEGLosslessSV1
 from scannerfactory import PATIENT, PATIENT_ID, make_dicom, make_nifti
@@ -30,24 +29,6 @@ LIMITS = IntakeLimits(
     max_image_pixels=1_000_000,
     max_items_per_job=500,
 )
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return out.getvalue()
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def brain_volume(shape: tuple[int, int, int] = (20, 24, 12), blank: int = 2, seed: int = 0) -> np.ndarray:
@@ -209,9 +190,9 @@ def test_no_dicom_bytes_or_identity_reach_storage_or_logs(
     single = make_dicom(np.tile(np.arange(16, dtype=np.uint16), (16, 1)), window=(8, 16))
     frames = make_dicom(np.stack([np.full((8, 8), i * 20, np.uint8) for i in range(3)]))
     bare = make_dicom(np.full((4, 4), 7, np.uint8), file_format=False)
-    archive = zip_bytes({"study/IM1.dcm": single, "study/IM2": frames, "study/IM3": bare})
+    archive = make_zip({"study/IM1.dcm": single, "study/IM2": frames, "study/IM3": bare})
     entries = run(
-        store, tmp_path, {"a.dcm": single, "study.zip": archive, "study.tar": tar_bytes({"x/IM2": frames})}
+        store, tmp_path, {"a.dcm": single, "study.zip": archive, "study.tar": make_tar({"x/IM2": frames})}
     )
     assert sum(1 for e in entries if e.sha256) == 1 + (1 + 3 + 1) + 3
     assert all(not e.failed for e in entries)
@@ -268,8 +249,8 @@ def test_nifti_gz_and_nii_inside_archives(store: ScanStore, tmp_path: Path) -> N
         tmp_path,
         {
             "vol.nii.gz": niigz,
-            "study.zip": zip_bytes({"mr/t1.nii.gz": niigz, "mr/t1.nii": nii}),
-            "study.tar": tar_bytes({"t1.nii.gz": niigz}),
+            "study.zip": make_zip({"mr/t1.nii.gz": niigz, "mr/t1.nii": nii}),
+            "study.tar": make_tar({"t1.nii.gz": niigz}),
         },
     )
     names = [e.filename for e in entries]
