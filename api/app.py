@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from api.routes import gradcam, health, items, jobs, metrics, models, web
 from brainscan import __version__
 from brainscan.db import make_engine
+from brainscan.queueing import Publisher
 from brainscan.settings import Settings, get_settings
 from brainscan.storage import ScanStore
 
@@ -43,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.store = ScanStore(settings.resolved_storage_dir)
+    # The process's one publisher and one Celery app, on this app's engine (no second engine).
+    app.state.publisher = Publisher(settings, app.state.sessions)
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeout)

@@ -1,8 +1,13 @@
-"""Request dependencies: settings, a database session, the scan store, and the calling API key."""
+"""Request dependencies: settings, a database session, the scan store, the publisher, the caller.
+
+Each is built once in ``api.app.create_app(settings)`` and reached here through ``app.state``; routes
+name them by their ``Annotated`` aliases (``SessionDep``, ``CallerDep``, ...).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -10,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from brainscan.auth import authenticate
 from brainscan.db import ApiKey
+from brainscan.queueing import Publisher
 from brainscan.settings import Settings
 from brainscan.storage import ScanStore
 
@@ -17,15 +23,19 @@ from brainscan.storage import ScanStore
 bearer = HTTPBearer(auto_error=False, description="An API key: `brainscan keys create NAME` prints one.")
 
 
-def get_settings(request: Request) -> Settings:
+def app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ScanStore:
+def app_store(request: Request) -> ScanStore:
     return request.app.state.store
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def app_publisher(request: Request) -> Publisher:
+    return request.app.state.publisher
+
+
+def request_session(request: Request) -> Iterator[Session]:
     session: Session = request.app.state.sessions()
     try:
         yield session
@@ -33,9 +43,14 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_caller(
-    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-    session: Session = Depends(get_session),
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+StoreDep = Annotated[ScanStore, Depends(app_store)]
+PublisherDep = Annotated[Publisher, Depends(app_publisher)]
+SessionDep = Annotated[Session, Depends(request_session)]
+
+
+def authenticated_caller(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], session: SessionDep
 ) -> ApiKey:
     key = authenticate(session, credentials.credentials) if credentials else None
     if key is None:
@@ -47,3 +62,6 @@ def get_caller(
     # The key row is only needed for its id; end the read transaction so none stays open.
     session.commit()
     return key
+
+
+CallerDep = Annotated[ApiKey, Depends(authenticated_caller)]

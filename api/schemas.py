@@ -18,7 +18,7 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
-class ModelRef(BaseModel):
+class ModelVersion(BaseModel):
     name: str | None
     version: str | None
 
@@ -43,7 +43,7 @@ class ItemOut(BaseModel):
     confidence: float | None
     probabilities: dict[str, float | None] | None
     error: str | None
-    model: ModelRef
+    model: ModelVersion
     attempts: int
     timings: Timings
 
@@ -56,7 +56,7 @@ class JobSummary(BaseModel):
     done: int
     failed: int
     pending: int
-    model: ModelRef
+    model: ModelVersion
     source: str
     created_at: str | None
     started_at: str | None

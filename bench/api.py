@@ -54,7 +54,7 @@ def is_loopback(url: str) -> bool:
 def start_embedded(var_dir: Path, workers: int):  # type: ignore[no-untyped-def]
     from soak import build_tiny_model
 
-    from brainscan.embedded import free_port, start_stack, wait_for_workers
+    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
     from brainscan.settings import Settings, get_settings
 
     model = build_tiny_model(var_dir.parent / "models" / "tiny" / "1")

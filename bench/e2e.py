@@ -14,7 +14,7 @@ One run measures, on one machine:
    stack's workers get in total (``tf_threads x workers``, or every core);
 2. naive: ``bench/naive.py``'s ``naive_throughput`` (the original project's one ``TFSMLayer`` call per
    image) on a subset of the same scans; always the SavedModel, whatever ``--format`` serves;
-3. the stack (embedded in a temp folder via ``brainscan.embedded``, or ``--url``): phase A posts the
+3. the stack (embedded in a temp folder via ``brainscan_cli.embedded``, or ``--url``): phase A posts the
    archive and waits for every result; wall time runs from the start of the upload to the last
    item's ``finished_at``, so upload, intake, queue, decode, scoring and the database all count.
    Phase B posts the archive again and, while it is scored, single-scan jobs at ``--single-rate``
@@ -119,7 +119,7 @@ def model_only_sps(
 
 # ---- the stack ---------------------------------------------------------------------------------
 def start_embedded(var_dir: Path, model_path: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from brainscan.embedded import free_port, start_stack, wait_for_workers
+    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
     from brainscan.settings import Settings, get_settings
 
     for key in [k for k in os.environ if k.startswith("BRAINSCAN_")]:

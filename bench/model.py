@@ -3,7 +3,9 @@
     .venv/bin/python bench/model.py                 # default model + ResNet50 architecture (random weights)
     .venv/bin/python bench/model.py --model models/brainscan-compact/2 --batches 1,8,32,64
 
-Prints a table and, last, one line ``model_vs_resnet50=R compact_sps=A resnet50_sps=B`` at batch 32.
+Prints a table and, last, one line ``model_vs_resnet50=R compact_sps=A resnet50_sps=B`` at batch 32,
+after a line ``detector_cost=P% model_only_sps=A with_detector_sps=B``: the served model's ``predict``
+against its ``judge`` (temperature, scope detector and flags on the same forward pass).
 Also measures this machine's fp32 matmul peak and the GFLOP/s each model achieves against it.
 Figures, never assertions: run it on an idle machine.
 """
@@ -25,6 +27,19 @@ def measure(predict, batch: np.ndarray, min_seconds: float) -> float:  # type: i
         predict(batch)
         runs += 1
     return runs * len(batch) / elapsed
+
+
+def measure_interleaved(first, second, batch: np.ndarray, min_seconds: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """scans/s of two callables, alternated call by call (medians), so a busy machine slows both alike."""
+    first(batch), second(batch)  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    while time.perf_counter() - started < 2 * min_seconds or len(times[0]) < 5:
+        for call, spent in ((first, times[0]), (second, times[1])):
+            began = time.perf_counter()
+            call(batch)
+            spent.append(time.perf_counter() - began)
+    return len(batch) / float(np.median(times[0])), len(batch) / float(np.median(times[1]))
 
 
 def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
@@ -59,6 +74,13 @@ def forward_gflops(model_path: Path) -> float | None:
         return info.total_float_ops / 1e9 if info.total_float_ops else None
     except Exception:  # profiler APIs move between TF versions; FLOPs are a nice-to-have here
         return None
+
+
+def model_input(pixels: np.ndarray, scorer) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Random uint8-range pixels in the model's own input scale (its card's ``preprocessing``)."""
+    from brainscan.imaging import normalize
+
+    return np.asarray(normalize(pixels.astype(np.float32), scorer.card.preprocessing), dtype=np.float32)
 
 
 def resnet50_architecture(folder: Path) -> Path:
@@ -103,7 +125,7 @@ def main() -> None:
             flops = forward_gflops(path)
             rows[label] = {}
             for size in batches:
-                batch = rng.uniform(0, 255, (size, h, w, scorer.card.channels)).astype(np.float32)
+                batch = model_input(rng.uniform(0, 255, (size, h, w, scorer.card.channels)), scorer)
                 rows[label][size] = sps = measure(scorer.predict, batch, args.seconds)
                 achieved = (
                     f"  {sps * flops:.0f} GFLOP/s ({100 * sps * flops / peak:.0f}% of peak)" if flops else ""
@@ -111,6 +133,15 @@ def main() -> None:
                 print(f"{label:>28}  batch {size:>3}: {sps:8.1f} scans/s{achieved}", flush=True)
     model_label = next(iter(rows))
     at = 32 if 32 in batches else batches[-1]
+    # Issue 11: what the scope detector, temperature and flag decision add to model-only scoring.
+    scorer = load_scorer(served.path)
+    h, w = scorer.card.input_size
+    batch = model_input(np.random.default_rng(0).uniform(0, 255, (at, h, w, scorer.card.channels)), scorer)
+    bare, judged = measure_interleaved(scorer.predict, scorer.judge, batch, args.seconds)
+    print(
+        f"detector_cost={100 * (bare - judged) / bare:.1f}% model_only_sps={bare:.1f} "
+        f"with_detector_sps={judged:.1f} batch={at} detector={scorer.trust.detector is not None}"
+    )
     ratio = rows[model_label][at] / rows["resnet50-architecture"][at]
     print(
         f"model_vs_resnet50={ratio:.2f} model_sps={rows[model_label][at]:.1f} "

@@ -4,7 +4,7 @@
     .venv/bin/python bench/soak.py --scans 4000 --jobs 40           # bigger
     .venv/bin/python bench/soak.py --url http://host:8000 --key bs_...   # an existing deployment
 
-With no ``--url`` it starts the embedded stack (``brainscan.embedded``: a private Redis, SQLite, the
+With no ``--url`` it starts the embedded stack (``brainscan_cli.embedded``: a private Redis, SQLite, the
 API, TWO workers and beat) in a temporary folder, serving a tiny generated model unless ``--model``
 is given, with a short visibility timeout (10 s) and a fast reaper so that recovery takes seconds.
 It submits ``--scans`` small JPEGs (a few truncated, a few not images at all) across ``--jobs``
@@ -119,7 +119,7 @@ def make_jobs(scans: int, jobs: int, seed: int) -> list[Batch]:
 # ---- the embedded stack and the chaos ------------------------------------------------------------
 @dataclass
 class Chaos:
-    stack: object  # brainscan.embedded.Stack
+    stack: object  # brainscan_cli.embedded.Stack
     every_s: float
     kills: int = 0
     restarts: int = 0
@@ -144,7 +144,7 @@ class Chaos:
         return False
 
     def run(self) -> None:
-        from brainscan.embedded import spawn
+        from brainscan_cli.embedded import spawn
 
         stack = self.stack
         logs = stack.settings.var_dir.resolve() / "logs"  # type: ignore[attr-defined]
@@ -162,7 +162,7 @@ class Chaos:
             self.kills += 1
             replacement = spawn(
                 victim.name,
-                [sys.executable, "-m", "brainscan.cli", "worker"],
+                [sys.executable, "-m", "brainscan_cli.main", "worker"],
                 stack.env,  # type: ignore[attr-defined]
                 logs / f"{victim.name}.log",
             )
@@ -172,7 +172,7 @@ class Chaos:
 
 
 def start_embedded(var_dir: Path, model_dir: Path, workers: int):  # type: ignore[no-untyped-def]
-    from brainscan.embedded import free_port, start_stack, wait_for_workers
+    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
     from brainscan.settings import Settings, get_settings
 
     for key in [k for k in os.environ if k.startswith("BRAINSCAN_")]:

@@ -8,11 +8,14 @@ A redelivered item therefore never counts twice.
 from __future__ import annotations
 
 import enum
+import logging
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -27,9 +30,13 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from brainscan.settings import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -50,8 +57,6 @@ class ItemStatus(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
 
-
-FINAL_ITEM_STATUSES = (ItemStatus.succeeded.value, ItemStatus.failed.value)
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a real bigint.
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -159,20 +164,27 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+# ---- the process's default engine (workers, the CLI, scripts) -----------------------------------
+# The API builds its own engine in ``api.app.create_app(settings)``; processes without a constructor
+# to inject into share this one, cached per URL (tests switch databases by URL).
+
+
 @lru_cache(maxsize=4)
-def get_engine(url: str | None = None) -> Engine:
+def default_engine(url: str | None = None) -> Engine:
     return make_engine(url or get_settings().resolved_database_url)
 
 
-def session_factory(url: str | None = None) -> sessionmaker[Session]:
-    # Resolve before the cached get_engine: caching under None would pin the first URL forever.
-    return sessionmaker(bind=get_engine(url or get_settings().resolved_database_url), expire_on_commit=False)
+def default_sessions(url: str | None = None) -> sessionmaker[Session]:
+    # Resolve before the cached default_engine: caching under None would pin the first URL forever.
+    return sessionmaker(
+        bind=default_engine(url or get_settings().resolved_database_url), expire_on_commit=False
+    )
 
 
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session whose work commits on success and rolls back on any exception."""
-    session = session_factory(url)()
+    session = default_sessions(url)()
     try:
         yield session
         session.commit()
@@ -181,3 +193,36 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+# ---- retries -------------------------------------------------------------------------------------
+
+
+def with_db_retry(operation: Callable[[], T], what: str, retry_s: float) -> T:
+    """Run ``operation`` (one transaction), retrying connection-level failures with backoff.
+
+    Gives up (re-raises) after ``retry_s`` seconds; errors that a retry cannot fix (integrity,
+    programming) are raised at once.
+    """
+    deadline = time.monotonic() + retry_s
+    delay = 0.2
+    while True:
+        try:
+            return operation()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated and not _transient(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                log.error("database still failing after %ss while %s; giving up", retry_s, what)
+                raise
+            log.warning(
+                "database error while %s, retrying in %.1fs: %s", what, delay, type(exc.orig).__name__
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _transient(exc: DBAPIError) -> bool:
+    # Connection refused/reset, server shutting down, SQLite "database is locked": worth a retry.
+    # Integrity and programming errors are not.
+    return isinstance(exc, OperationalError) or "connection" in str(exc.orig).lower()

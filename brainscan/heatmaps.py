@@ -10,7 +10,8 @@ only, never from anything a client sent. Beside it, two small markers:
 
 The PNG's text chunks say how it was made (``explainer``: ``gradcam`` or ``saliency``, the model,
 the class explained), so the API can label it without a database column. Nothing here imports
-TensorFlow: the computation is ``worker/gradcam.py``.
+TensorFlow: the computation is ``worker/gradcam.py``, queued by
+``brainscan.queueing.Publisher.request_heatmaps``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -103,32 +103,3 @@ class HeatmapStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-
-
-def request_heatmaps(item_ids: Iterable[int], chunk: int = 8) -> bool:
-    """Queue Grad-CAM computations for these items (worker/gradcam.py). False if the broker is down.
-
-    Chunked so that a large job's heatmaps interleave with scoring instead of holding a worker.
-    """
-    from brainscan.queueing import PUBLISH_RETRY_POLICY, _celery
-    from worker.celery import AUX_QUEUE, GRADCAM_TASK
-
-    ids = sorted({int(i) for i in item_ids})
-    if not ids:
-        return True
-    try:
-        app = _celery()
-        with app.producer_or_acquire() as producer:  # type: ignore[attr-defined]
-            for start in range(0, len(ids), chunk):
-                app.send_task(  # type: ignore[attr-defined]
-                    GRADCAM_TASK,
-                    args=[ids[start : start + chunk]],
-                    queue=AUX_QUEUE,
-                    producer=producer,
-                    retry=True,
-                    retry_policy=PUBLISH_RETRY_POLICY,
-                )
-    except Exception as exc:
-        log.warning("could not queue Grad-CAM for %d item(s): %s", len(ids), type(exc).__name__)
-        return False
-    return True

@@ -1,28 +1,46 @@
 """Decode and preprocess scans: the one implementation that training and serving share.
 
 ``load_pixels`` turns file bytes into the uint8 array a model's input wants (decoded, converted to
-the model's channels, optionally cropped to the brain, resized). ``normalize`` then maps pixels to
+the model's channels, optionally cropped to the head, resized). ``normalize`` then maps pixels to
 the model's input scale with plain arithmetic that works on NumPy arrays and TensorFlow tensors
 alike, so the training pipeline (which augments uint8 pixels in TensorFlow first) and the workers
 (NumPy) apply literally the same function.
+
+Both steps are versioned by the model card: ``crop`` ("none", "brain", "head") and ``preprocessing``
+("resnet50", "none", "head-zscore"). A card keeps meaning exactly what it meant when its model was
+trained; a faster or more robust pipeline is a new value, not a change to an old one.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-Preprocessing = Literal["resnet50", "none"]
-Crop = Literal["none", "brain"]
+# "head-zscore": per-scan standardisation inside the head mask (see ``head_zscore``).
+Preprocessing = Literal["resnet50", "none", "head-zscore"]
+# "brain": absolute threshold on the full decode. "head": relative threshold on a 1/8-scale decode,
+# then the JPEG decoded in the DCT domain at the smallest scale that keeps the crop >= the input size.
+Crop = Literal["none", "brain", "head"]
 
 # Keras' caffe-style ``resnet50.preprocess_input``: RGB -> BGR, then subtract the ImageNet means.
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
 SUPPORTED_FORMATS = {"JPEG", "PNG"}
+# Intensity levels relative to a scan's own statistics, min + LEVEL * (mean - min): they move with any
+# affine intensity change, so brightness and contrast select the same pixels.
+HEAD_LEVEL = 0.5  # the head mask (box and standardisation statistics): well above JPEG noise
+FLOOR_LEVEL = 0.25  # standardised pixels below this level read as this level: the black of the scan
+HEAD_BOX_SCALE = 8  # the head box is found on a 1/8-scale (DC-coefficients-only) JPEG decode
+HEAD_BOX_MIN_COVER = 0.03  # a row/column of the low-resolution scan is head when 3% of it is in the mask
+HEAD_BOX_MARGIN = 0.02  # fraction of the scan added around the box
+ZSCORE_EPSILON = 1.0  # in uint8 units: keeps a flat (blank) scan finite
 
 
 class ScanError(ValueError):
@@ -43,29 +61,65 @@ class InputSpec:
 ORIGINAL_RESNET50 = InputSpec()  # the original project's export, served card-less
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open and fully decode an image, refusing anything we do not score or that is too large."""
-    if not data:
-        raise ScanError("empty file")
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Turn whatever PIL raises on a hostile or broken file into a ScanError with a fixed reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in SUPPORTED_FORMATS:
-                raise ScanError(f"unsupported image format {image.format or 'unknown'} (JPEG or PNG only)")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ScanError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
-            if getattr(image, "n_frames", 1) > 1:
-                raise ScanError("animated or multi-frame image: one frame per scan expected")
-            image.load()
+            yield
     except ScanError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ScanError(f"image too large to decode safely: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ScanError(f"cannot decode image: {exc}") from None
+    # Fixed reasons: PIL's messages quote object reprs (memory addresses) and sizes from the file.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ScanError("image too large to decode safely (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise ScanError("cannot decode image: not a readable JPEG or PNG") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if "truncated" in str(exc):
+            raise ScanError("cannot decode image: image file is truncated") from None
+        raise ScanError(f"cannot decode image: damaged image data ({type(exc).__name__})") from None
+
+
+def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Open an image (header only) and refuse anything we do not score or that is too large."""
+    if not data:
+        raise ScanError("empty file")
+    image = Image.open(io.BytesIO(data))
+    if image.format not in SUPPORTED_FORMATS:
+        raise ScanError(f"unsupported image format {image.format or 'unknown'} (JPEG or PNG only)")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ScanError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+    if getattr(image, "n_frames", 1) > 1:
+        raise ScanError("animated or multi-frame image: one frame per scan expected")
     return image
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open and fully decode an image, refusing anything we do not score or that is too large."""
+    with _decode_errors():
+        image = _checked_header(data, max_pixels)
+        image.load()
+    return image
+
+
+def _decode_reduced(data: bytes, max_pixels: int, channels: int, scale: int) -> tuple[np.ndarray, bool]:
+    """(uint8 pixels, whether the decoder reduced them): a JPEG decoded at 1/``scale`` in the DCT domain.
+
+    PNG has no reduced decode; it comes back at full size with ``False``.
+    """
+    with _decode_errors():
+        image = _checked_header(data, max_pixels)
+        reduced = False
+        width, height = image.size
+        # A reduced decode of a tiny scan has too few pixels to find a head in.
+        if scale > 1 and image.format == "JPEG" and min(width, height) >= 16 * scale:
+            request = (max(1, width // scale), max(1, height // scale))
+            reduced = image.draft("L" if channels == 1 else "RGB", request) is not None
+        image.load()
+    image = ImageOps.exif_transpose(image) or image
+    return to_grey_or_rgb(image, channels), reduced
 
 
 def to_grey_or_rgb(image: Image.Image, channels: int) -> np.ndarray:
@@ -130,6 +184,8 @@ def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def load_pixels(data: bytes, spec: InputSpec, max_pixels: int = 50_000_000) -> np.ndarray:
     """File bytes -> uint8 array of shape (height, width, channels), ready for ``normalize``."""
+    if spec.crop == "head":
+        return head_pixels(data, spec, max_pixels)
     image = open_image(data, max_pixels)
     image = ImageOps.exif_transpose(image) or image
     pixels = to_grey_or_rgb(image, spec.channels)
@@ -138,9 +194,127 @@ def load_pixels(data: bytes, spec: InputSpec, max_pixels: int = 50_000_000) -> n
 
 def pixels_for_model(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Already-decoded uint8 pixels (H, W, C) -> the model's size, cropped when the spec says so."""
+    if spec.crop == "head":
+        return crop_square_and_resize(pixels, head_box(pixels), spec.height, spec.width)
     if spec.crop == "brain":
         pixels = crop_to_brain(pixels)
     return resize(pixels, spec.height, spec.width)
+
+
+def head_box(pixels: np.ndarray) -> tuple[float, float, float, float]:
+    """The head's box (top, bottom, left, right) as fractions of the scan, from a low-resolution view.
+
+    The mask threshold is relative (``HEAD_LEVEL``), so brightness and contrast changes give the same
+    box. Falls back to the whole scan when the box would be implausibly small (a blank scan).
+    """
+    grey = pixels.max(axis=-1) if pixels.ndim == 3 else pixels
+    stride = max(1, min(grey.shape) // 128)  # a large scan's 1/8 decode is looked at on a ~128 px grid
+    view = grey[::stride, ::stride].astype(np.float32)
+    height, width = view.shape
+    low = float(view.min())
+    mask = view > low + HEAD_LEVEL * (float(view.mean()) - low)
+    rows = np.flatnonzero(mask.mean(axis=1) > HEAD_BOX_MIN_COVER)
+    cols = np.flatnonzero(mask.mean(axis=0) > HEAD_BOX_MIN_COVER)
+    if rows.size == 0 or cols.size == 0:
+        return 0.0, 1.0, 0.0, 1.0
+    top, bottom = rows[0] / height, (rows[-1] + 1) / height
+    left, right = cols[0] / width, (cols[-1] + 1) / width
+    if bottom - top < 0.2 or right - left < 0.2:
+        return 0.0, 1.0, 0.0, 1.0
+    pad = HEAD_BOX_MARGIN
+    return max(0.0, top - pad), min(1.0, bottom + pad), max(0.0, left - pad), min(1.0, right + pad)
+
+
+def crop_square_and_resize(
+    pixels: np.ndarray, box: tuple[float, float, float, float], height: int, width: int
+) -> np.ndarray:
+    """Crop ``box`` (fractions), pad it to a centred square with the scan's black level, resize bilinearly.
+
+    Padding with the scan's own minimum rather than 0 keeps a brightened or contrast-reduced scan
+    (whose background is no longer 0) free of an artificial black frame.
+    """
+    rows, cols = pixels.shape[:2]
+    top, bottom = math.floor(box[0] * rows), math.ceil(box[1] * rows)
+    left, right = math.floor(box[2] * cols), math.ceil(box[3] * cols)
+    side = max(bottom - top, right - left)
+    y0, x0 = top - (side - (bottom - top)) // 2, left - (side - (right - left)) // 2
+    squeeze = pixels.shape[2] == 1
+    image = Image.fromarray(pixels[..., 0] if squeeze else pixels)
+    square = image.crop((x0, y0, x0 + side, y0 + side))
+    if (y0, x0, side, side) != (0, 0, rows, cols):
+        black = int(pixels.min()) if squeeze else tuple(int(v) for v in pixels.min(axis=(0, 1)))
+        square = Image.new(image.mode, (side, side), black)
+        inside = image.crop((max(0, x0), max(0, y0), min(cols, x0 + side), min(rows, y0 + side)))
+        square.paste(inside, (max(0, -x0), max(0, -y0)))
+    resized = np.asarray(square.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return resized[..., None] if squeeze else resized
+
+
+def head_pixels(data: bytes, spec: InputSpec, max_pixels: int = 50_000_000) -> np.ndarray:
+    """The ``crop: head`` path: find the head on a 1/8-scale decode, then decode once more at the
+    smallest scale (1/8, 1/4, 1/2, 1) whose head crop still has >= the model's input size."""
+    low, reduced = _decode_reduced(data, max_pixels, spec.channels, HEAD_BOX_SCALE)
+    if not reduced:  # PNG (or a JPEG PIL cannot reduce): the full decode is all there is
+        # Block means, as the DCT's DC coefficients are: the box a JPEG of the same scan would get.
+        image = Image.fromarray(low[..., 0] if low.shape[2] == 1 else low)
+        view = np.asarray(image.reduce(HEAD_BOX_SCALE)) if min(image.size) >= HEAD_BOX_SCALE else low
+        return crop_square_and_resize(low, head_box(view), spec.height, spec.width)
+    box = head_box(low)
+    # The full-resolution head side, from the 1/8 decode (exact to within 8 pixels).
+    side = HEAD_BOX_SCALE * max((box[1] - box[0]) * low.shape[0], (box[3] - box[2]) * low.shape[1])
+    scale = next(s for s in (8, 4, 2, 1) if side / s >= max(spec.height, spec.width) or s == 1)
+    pixels = low if scale == HEAD_BOX_SCALE else _decode_reduced(data, max_pixels, spec.channels, scale)[0]
+    return crop_square_and_resize(pixels, box, spec.height, spec.width)
+
+
+class _ArrayOps(NamedTuple):
+    """The few reductions ``head_zscore`` needs, for NumPy arrays or TensorFlow tensors."""
+
+    amin: Callable[[Any], Any]
+    sum: Callable[[Any], Any]
+    maximum: Callable[[Any, Any], Any]
+    sqrt: Callable[[Any], Any]
+    as_float: Callable[[Any], Any]
+
+
+def _array_ops(pixels: Any) -> _ArrayOps:
+    axes = (-3, -2, -1)  # one scan (h, w, c), or each scan of a batch (n, h, w, c)
+    if isinstance(pixels, np.ndarray):
+        return _ArrayOps(
+            lambda x: x.min(axis=axes, keepdims=True),
+            lambda x: x.sum(axis=axes, keepdims=True, dtype=np.float32),
+            np.maximum,
+            np.sqrt,
+            lambda x: x.astype(np.float32),
+        )
+    import tensorflow as tf
+
+    return _ArrayOps(
+        lambda x: tf.reduce_min(x, axis=axes, keepdims=True),
+        lambda x: tf.reduce_sum(x, axis=axes, keepdims=True),
+        tf.maximum,
+        tf.sqrt,
+        lambda x: tf.cast(x, tf.float32),
+    )
+
+
+def head_zscore(pixels: Any) -> Any:
+    """Each scan standardised by the mean and spread of its head: brightness/contrast-free input.
+
+    The head mask is relative (above min + ``HEAD_LEVEL`` x (mean - min)), so an affine intensity
+    change (PIL's brightness and contrast) selects the same pixels and leaves the output unchanged.
+    Pixels below ``FLOOR_LEVEL`` are floored to it: the black border reads the same whatever
+    brightness a scanner or a window gave it, while dark tissue above it keeps its detail.
+    """
+    ops = _array_ops(pixels)
+    count_all = float(np.prod(pixels.shape[-3:]))
+    low = ops.amin(pixels)
+    spread_all = ops.sum(pixels) / count_all - low
+    mask = ops.as_float(pixels > low + HEAD_LEVEL * spread_all)
+    count = ops.maximum(ops.sum(mask), 1.0)
+    mean = ops.sum(pixels * mask) / count
+    spread = ops.sqrt(ops.sum(((pixels - mean) * mask) ** 2) / count)
+    return (ops.maximum(pixels, low + FLOOR_LEVEL * spread_all) - mean) / (spread + ZSCORE_EPSILON)
 
 
 def normalize(pixels: Any, preprocessing: Preprocessing) -> Any:
@@ -150,6 +324,8 @@ def normalize(pixels: Any, preprocessing: Preprocessing) -> Any:
     if preprocessing == "resnet50":
         bgr = pixels[..., ::-1]
         return bgr - np.asarray(CAFFE_BGR_MEANS, dtype=np.float32)
+    if preprocessing == "head-zscore":
+        return head_zscore(pixels)
     raise ValueError(f"unknown preprocessing {preprocessing!r}")
 
 

@@ -7,8 +7,6 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from brainscan.settings import get_settings
-
 
 def migrations_dir() -> Path:
     # The repository's folder (editable installs, the Docker image's WORKDIR), else the cwd's.
@@ -18,29 +16,29 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("migrations/ not found: run from the brainscan checkout (or its image's /app)")
 
 
-def alembic_config(url: str | None = None) -> Config:
+def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolation: a '%' in a password must be doubled.
-    config.set_main_option("sqlalchemy.url", (url or get_settings().resolved_database_url).replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logging"] = False
     return config
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
-    """Create or update the schema; also creates the SQLite file's folder."""
-    url = url or get_settings().resolved_database_url
+def upgrade(url: str, revision: str = "head") -> None:
+    """Create or update the schema at ``url``; also creates the SQLite file's folder."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(url), revision)
 
 
-def current(url: str | None = None) -> str | None:
+def current(url: str) -> str | None:
+    """The schema revision the database at ``url`` is at (None: empty)."""
     from alembic.runtime.migration import MigrationContext
 
     from brainscan.db import make_engine
 
-    engine = make_engine(url or get_settings().resolved_database_url)
+    engine = make_engine(url)
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()

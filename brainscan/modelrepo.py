@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from brainscan import CLASSES
 from brainscan.imaging import Crop, InputSpec, Preprocessing
+from brainscan.trust import TrustCard
 
 CARD_FILE = "model.json"
 PROMOTED_FILE = "promoted.json"
@@ -49,6 +50,9 @@ class ModelCard(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     gradcam_layer: str | None = None  # feature map Grad-CAM explains; None = the last spatial one
     card_less: bool = False  # True when we inferred the original project's contract
+    # Scope detector, temperature and flag thresholds (brainscan/trust.py; `brainscan calibrate`).
+    # None: served with raw probabilities and flags from raw confidence only.
+    trust: TrustCard | None = None
 
     @property
     def input_spec(self) -> InputSpec:

@@ -2,40 +2,75 @@
 
 The database is the source of truth and the broker only carries item ids: an item is sent when it
 has ``enqueued_at IS NULL`` and that column is set once the message is out. If the broker is down at
-submit time these functions return ``False`` (never raise, never block for long); the job is already
-stored, and the reaper beat task sends the stranded items once the broker is back.
+submit time the ``enqueue_*`` methods return ``False`` (never raise, never block for long); the job
+is already stored, and the reaper beat task sends the stranded items once the broker is back.
+
+One :class:`Publisher` per process, built where the process is wired: ``api.app.create_app`` builds
+it from its own settings and sessions; a worker, the CLI and scripts (which have no constructor to
+inject into) use :func:`default_publisher`, built once from the environment. Every message leaves
+through :meth:`Publisher.send`, under the contract in :mod:`brainscan.queue_contract`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
+import redis
+from celery import Celery
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from brainscan.db import Item, ItemStatus, session_scope
-from brainscan.settings import get_settings
+from brainscan.db import Item, ItemStatus, default_sessions
+from brainscan.queue_contract import (
+    BULK_PRIORITY,
+    GRADCAM_TASK,
+    HEARTBEAT_PREFIX,
+    NOTIFY_TASK,
+    PUBLISH_RETRY_POLICY,
+    SCORE_TASK,
+    URGENT_PRIORITY,
+    broker_config,
+)
+from brainscan.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Short and bounded: the API must answer even when Redis is gone.
-PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.25, "interval_max": 0.5}
-HEARTBEAT_PREFIX = "brainscan:worker:"
+HEATMAP_CHUNK = 8  # Grad-CAM ids per message: a large job's heatmaps interleave with scoring
 
 
-def _celery():  # type: ignore[no-untyped-def]
-    """A publishing client for the configured broker (one per broker URL, so tests can switch)."""
-    settings = get_settings()
-    client = _CLIENTS.get(settings.broker_url)
-    if client is None:
-        from worker.celery import create_app
-
-        client = _CLIENTS[settings.broker_url] = create_app(settings, set_as_current=False)
-    return client
+def redis_client(url: str, timeout: float = 1.0) -> redis.Redis:
+    """The one way this code base opens a Redis connection: short timeouts, never a hang."""
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
 
 
-_CLIENTS: dict[str, object] = {}
+def redis_problem(url: str, timeout: float = 0.5) -> str | None:
+    """None when a Redis server answers PING at ``url`` within ``timeout`` s, else why not.
+
+    The reason is the error's type only: the URL (which may hold a password) is never quoted.
+    """
+    try:
+        client = redis_client(url, timeout)
+        try:
+            return None if client.ping() else "NoPong"
+        finally:
+            client.close()
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def redis_ping(url: str, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING at ``url`` within ``timeout`` seconds."""
+    return redis_problem(url, timeout) is None
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app that can publish under the queue contract (a worker adds its own settings)."""
+    app = Celery("brainscan", set_as_current=False)
+    app.conf.update(broker_config(settings))
+    return app
 
 
 def _chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -43,133 +78,204 @@ def _chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(ids[start : start + size])
 
 
-def priority_for(count: int) -> int:
-    """The queue priority of a send of ``count`` items: small jobs ride the urgent lane.
+class Publisher:
+    """Sends work to the workers for one process: its settings, its sessions, its one Celery app."""
 
-    A single-scan job queued behind a 1,000-scan archive would otherwise wait for the whole archive
-    (Redis lists are FIFO); see ``worker/celery.py``. The lane holds only small sends, so it cannot
-    itself get long unless small jobs alone saturate the workers.
-    """
-    from worker.celery import BULK_PRIORITY, URGENT_PRIORITY
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery | None = None):
+        self.settings = settings
+        self.sessions = sessions
+        self.celery = celery if celery is not None else make_celery(settings)
 
-    return URGENT_PRIORITY if count <= get_settings().urgent_max_items else BULK_PRIORITY
+    # -- the one send loop --------------------------------------------------------------------------
 
+    def send(
+        self,
+        task: str,
+        messages: Iterable[list[Any]],
+        *,
+        priority: int | None = None,
+        after_each: Callable[[list[Any]], None] | None = None,
+    ) -> None:
+        """Send one ``task`` message per argument list, over one producer. Raises on failure.
 
-def publish(item_ids: Sequence[int], priority: int | None = None) -> None:
-    """Send item ids in messages of ``enqueue_chunk`` ids and stamp ``enqueued_at``. Raises on failure.
+        The queue comes from the contract's routes. ``after_each(args)`` runs once each message is
+        out (``publish`` stamps ``enqueued_at`` there, so a broker dying half way leaves only the
+        unsent rest unstamped).
+        """
+        options: dict[str, Any] = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY}
+        if priority is not None:
+            options["priority"] = priority
+        with self.celery.producer_or_acquire() as producer:
+            for args in messages:
+                self.celery.send_task(task, args=args, producer=producer, **options)
+                if after_each is not None:
+                    after_each(args)
 
-    ``priority`` defaults to ``priority_for(len(item_ids))``: one job's ids (or one reaper run's)
-    share one lane.
-    """
-    from worker.celery import SCORE_TASK
+    # -- scoring ------------------------------------------------------------------------------------
 
-    app = _celery()
-    ids_all = list(item_ids)
-    chunk = get_settings().enqueue_chunk
-    if priority is None:
-        priority = priority_for(len(ids_all))
-    with app.producer_or_acquire() as producer:
-        for ids in _chunks(ids_all, chunk):
-            app.send_task(
-                SCORE_TASK,
-                args=[ids],
-                producer=producer,
-                priority=priority,
-                retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
-            )
-            # Stamped per message: if the broker dies half way, only the unsent rest stays NULL.
-            with session_scope() as session:
-                session.execute(update(Item).where(Item.id.in_(ids)).values(enqueued_at=datetime.now(UTC)))
+    def priority_for(self, count: int) -> int:
+        """The queue priority of a send of ``count`` items: small jobs ride the urgent lane.
 
+        A single-scan job queued behind a 1,000-scan archive would otherwise wait for the whole
+        archive (Redis lists are FIFO). The lane holds only small sends, so it cannot itself get long
+        unless small jobs alone saturate the workers.
+        """
+        return URGENT_PRIORITY if count <= self.settings.urgent_max_items else BULK_PRIORITY
 
-def enqueue_items(item_ids: Iterable[int]) -> bool:
-    """Send these items to the workers. False (logged) when the broker or database is unreachable."""
-    ids = sorted({int(i) for i in item_ids})
-    if not ids:
-        return True
-    try:
-        publish(ids)
-    except Exception as exc:  # broker or database down: the reaper sends them later
-        log.warning("could not enqueue %d item(s), the reaper will retry: %s", len(ids), _why(exc))
-        return False
-    return True
+    def publish(self, item_ids: Sequence[int], priority: int | None = None) -> None:
+        """Send item ids in messages of ``enqueue_chunk`` ids and stamp ``enqueued_at``. Raises on failure.
 
+        ``priority`` defaults to ``priority_for(len(item_ids))``: one job's ids (or one reaper run's)
+        share one lane.
+        """
+        ids_all = list(item_ids)
+        if priority is None:
+            priority = self.priority_for(len(ids_all))
 
-def enqueue_job(job_id: str) -> bool:
-    """Send a job's queued items that were never sent. Call after the job's transaction committed."""
-    try:
-        with session_scope() as session:
-            ids = list(
-                session.scalars(
-                    select(Item.id)
-                    .where(
-                        Item.job_id == job_id,
-                        Item.status == ItemStatus.queued.value,
-                        Item.enqueued_at.is_(None),
-                    )
-                    .order_by(Item.position)
+        def stamp(args: list[Any]) -> None:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(Item).where(Item.id.in_(args[0])).values(enqueued_at=datetime.now(UTC))
                 )
-            )
-    except Exception as exc:
-        log.warning("could not read job %s to enqueue it: %s", job_id, _why(exc))
-        return False
-    if not ids:
+
+        chunks = ([ids] for ids in _chunks(ids_all, self.settings.enqueue_chunk))
+        self.send(SCORE_TASK, chunks, priority=priority, after_each=stamp)
+
+    def enqueue_items(self, item_ids: Iterable[int]) -> bool:
+        """Send these items to the workers. False (logged) when the broker or database is unreachable."""
+        ids = sorted({int(i) for i in item_ids})
+        return self._publish_or_log(ids, f"{len(ids)} item(s)")
+
+    def enqueue_job(self, job_id: str) -> bool:
+        """Send a job's queued items that were never sent. Call after the job's transaction committed."""
+        try:
+            with self.sessions() as session:
+                ids = list(session.scalars(_never_sent(job_id)))
+        except Exception as exc:
+            log.warning("could not read job %s to enqueue it: %s", job_id, _why(exc))
+            return False
+        return self._publish_or_log(ids, f"job {job_id} ({len(ids)} items)")
+
+    def _publish_or_log(self, ids: list[int], what: str) -> bool:
+        if not ids:
+            return True
+        try:
+            self.publish(ids)
+        except Exception as exc:  # broker or database down: the reaper sends them later
+            log.warning("could not enqueue %s, the reaper will retry: %s", what, _why(exc))
+            return False
         return True
-    try:
-        publish(ids)
-    except Exception as exc:
-        log.warning(
-            "could not enqueue job %s (%d items), the reaper will retry: %s", job_id, len(ids), _why(exc)
-        )
-        return False
-    return True
 
+    # -- auxiliary work -----------------------------------------------------------------------------
 
-def ping_workers(timeout: float = 1.0) -> int:
-    """How many workers are alive. 0 when none answer or the broker is unreachable.
-
-    Workers write a heartbeat key with a TTL from a background thread, so a worker busy scoring a
-    long batch (its event loop blocked, deaf to control pings) still counts. Falls back to a
-    Celery control ping for workers that do not write heartbeats.
-    """
-    try:
-        import redis
-
-        client = redis.Redis.from_url(
-            get_settings().broker_url, socket_connect_timeout=timeout, socket_timeout=timeout
-        )
+    def request_heatmaps(self, item_ids: Iterable[int]) -> bool:
+        """Queue Grad-CAM computations for these items (worker/gradcam.py). False if the broker is down."""
+        ids = sorted({int(i) for i in item_ids})
+        if not ids:
+            return True
         try:
-            alive = sum(1 for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
-        finally:
-            client.close()
-        if alive:
-            return alive
-        replies = _celery().control.ping(timeout=timeout)
-        return len(replies or [])
-    except Exception as exc:
-        log.info("no worker reachable: %s", _why(exc))
-        return 0
+            self.send(GRADCAM_TASK, ([chunk] for chunk in _chunks(ids, HEATMAP_CHUNK)))
+        except Exception as exc:
+            log.warning("could not queue Grad-CAM for %d item(s): %s", len(ids), type(exc).__name__)
+            return False
+        return True
 
+    def notify_jobs(self, job_ids: Iterable[str]) -> None:
+        """Queue the job-finished webhook of each job (call after the transaction that closed them).
 
-def redis_ping(url: str, timeout: float = 0.5) -> bool:
-    """True when a Redis server answers PING at ``url`` within ``timeout`` seconds."""
-    try:
-        import redis
-
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        Never raises: a broker hiccup costs a webhook (logged), never the results already committed.
+        """
+        ids = [str(job_id) for job_id in job_ids]
+        if not ids:
+            return
         try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
+            self.send(NOTIFY_TASK, ([job_id] for job_id in ids))
+        except Exception as exc:
+            log.error("could not queue %d job webhook(s): %s", len(ids), type(exc).__name__)
+
+    # -- liveness -----------------------------------------------------------------------------------
+
+    def ping_workers(self, timeout: float = 1.0) -> int:
+        """How many workers are alive. 0 when none answer or the broker is unreachable.
+
+        Workers write a heartbeat key with a TTL from a background thread, so a worker busy scoring a
+        long batch (its event loop blocked, deaf to control pings) still counts. Falls back to a
+        Celery control ping for workers that do not write heartbeats.
+        """
+        try:
+            alive = count_heartbeats(self.settings.broker_url, timeout)
+            if alive:
+                return alive
+            replies = self.celery.control.ping(timeout=timeout)
+            return len(replies or [])
+        except Exception as exc:
+            log.info("no worker reachable: %s", _why(exc))
+            return 0
 
 
-def broker_reachable(timeout: float = 1.0) -> bool:
-    return redis_ping(get_settings().broker_url, timeout)
+def count_heartbeats(broker_url: str, timeout: float = 1.0) -> int:
+    """Workers whose heartbeat key is alive. Raises when the broker is unreachable."""
+    client = redis_client(broker_url, timeout)
+    try:
+        return sum(1 for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
+    finally:
+        client.close()
+
+
+def _never_sent(job_id: str) -> Any:
+    return (
+        select(Item.id)
+        .where(Item.job_id == job_id, Item.status == ItemStatus.queued.value, Item.enqueued_at.is_(None))
+        .order_by(Item.position)
+    )
 
 
 def _why(exc: BaseException) -> str:
     # The broker URL may hold a password: log the error type and message, not the URL.
     return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+# ---- the process's own publisher (workers, the CLI, scripts) -------------------------------------
+
+_CELERY_APPS: dict[str, Celery] = {}
+_PUBLISHERS: dict[tuple[str, str], Publisher] = {}
+
+
+def use_celery_app(app: Celery) -> None:
+    """Publish through ``app`` in this process (a worker's own app), so a process holds one app."""
+    _CELERY_APPS[str(app.conf.broker_url)] = app
+
+
+def _celery() -> Celery:
+    """This process's Celery app for the configured broker (one per broker URL, so tests can switch)."""
+    settings = get_settings()
+    app = _CELERY_APPS.get(settings.broker_url)
+    if app is None:
+        app = _CELERY_APPS[settings.broker_url] = make_celery(settings)
+    return app
+
+
+def default_publisher() -> Publisher:
+    """The publisher of a process configured by its environment (``BRAINSCAN_*``)."""
+    settings = get_settings()
+    key = (settings.broker_url, settings.resolved_database_url)
+    publisher = _PUBLISHERS.get(key)
+    if publisher is None or publisher.settings is not settings or publisher.celery is not _celery():
+        publisher = _PUBLISHERS[key] = Publisher(settings, default_sessions(), _celery())
+    return publisher
+
+
+def publish(item_ids: Sequence[int], priority: int | None = None) -> None:
+    default_publisher().publish(item_ids, priority)
+
+
+def enqueue_items(item_ids: Iterable[int]) -> bool:
+    return default_publisher().enqueue_items(item_ids)
+
+
+def enqueue_job(job_id: str) -> bool:
+    return default_publisher().enqueue_job(job_id)
+
+
+def priority_for(count: int) -> int:
+    return default_publisher().priority_for(count)

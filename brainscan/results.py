@@ -104,6 +104,11 @@ def job_items(session: Session, job_id: str, offset: int = 0, limit: int = 100) 
     return list(session.scalars(query.offset(offset).limit(limit)))
 
 
+def stored_item_ids(session: Session, job_id: str) -> list[int]:
+    """The ids of a job's items that have a stored scan (failed-at-intake items have none)."""
+    return list(session.scalars(select(Item.id).where(Item.job_id == job_id, Item.sha256.is_not(None))))
+
+
 def job_to_dict(session: Session, job: Job, offset: int = 0, limit: int = 100) -> dict[str, Any]:
     """The job with its counts and one page of items (``offset``/``limit``, in upload order)."""
     items = job_items(session, job.id, offset, limit) if limit > 0 else []

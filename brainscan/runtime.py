@@ -3,15 +3,22 @@
 ``load_scorer`` returns a ``Scorer``: ``.card`` (the model card) and ``.predict(batch)`` mapping
 float32 model input ``[n, h, w, c]`` (what ``brainscan.imaging.prepare`` returns, stacked) to float32
 probabilities ``[n, 4]`` in ``brainscan.CLASSES`` order, whatever order the model's card lists.
+``.predict_with_features(batch)`` also returns the penultimate features (the export's second output,
+``features``; None for an export without it) from the same forward pass, and ``.judge(batch,
+findings)`` turns both into one ``brainscan.trust.Verdict`` per scan (calibrated probabilities, label,
+flag, flag_reason, scope_score) with the model's ``.trust`` (from the card's ``trust`` section and
+``trust.npz``; raw probabilities and a default confidence threshold when the card has none).
 
 Two variants of one model folder:
 
 - ``savedmodel``: ``tf.saved_model.load`` and the ``serve`` (else ``serving_default``) signature. Its one
   input is discovered by name, since exports differ (the original project's is ``keras_tensor``, the
-  compact model's ``pixels``); the output is ``output_0`` or the only one.
+  compact model's ``pixels``); the output is ``output_0`` or the only one; ``features``, when present,
+  is the second output.
 - ``tflite`` / ``tflite-int8``: a file written by ``brainscan export`` beside the SavedModel, run with
   the TFLite interpreter. A full-integer model's int8 input and output are (de)quantized here with the
-  tensor's own scale and zero point, so callers never see the difference.
+  tensor's own scale and zero point, so callers never see the difference. Outputs are found by the
+  names of the file's ``serve`` signature (``output_0``, ``features``).
 
 Which variant serves: the ``model_format`` argument, else ``BRAINSCAN_MODEL_FORMAT``, else the card's
 ``format``. Nothing here imports Celery or FastAPI.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +38,7 @@ import numpy as np
 
 from brainscan import CLASSES
 from brainscan.modelrepo import ModelCard, ModelNotFound, ModelRef, read_card, resolve_model
+from brainscan.trust import FEATURES_OUTPUT, Trust, Verdict
 
 VARIANTS = ("savedmodel", "tflite", "tflite-int8")
 DEFAULT_VARIANT_FILES = {"tflite": "model.tflite", "tflite-int8": "model-int8.tflite"}
@@ -39,10 +48,35 @@ class Scorer(Protocol):
     card: ModelCard
     variant: str
     path: Path
+    trust: Trust
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """float32 ``[n, h, w, c]`` model input -> float32 probabilities ``[n, 4]`` in CLASSES order."""
+        """float32 ``[n, h, w, c]`` model input -> float32 raw probabilities ``[n, 4]`` in CLASSES order."""
         ...
+
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(raw probabilities ``[n, 4]``, features ``[n, d]`` or None) from one forward pass."""
+        ...
+
+    def judge(self, batch: np.ndarray, input_findings: Sequence[str | None] | None = None) -> list[Verdict]:
+        """One verdict per scan: calibrated probabilities, label, flag, flag_reason, scope_score."""
+        ...
+
+
+class _Judging:
+    """``predict`` and ``judge`` on top of a variant's ``predict_with_features``."""
+
+    trust: Trust
+
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict_with_features(batch)[0]
+
+    def judge(self, batch: np.ndarray, input_findings: Sequence[str | None] | None = None) -> list[Verdict]:
+        probabilities, features = self.predict_with_features(batch)
+        return self.trust.judge(probabilities, features, input_findings)
 
 
 def class_order(card: ModelCard) -> np.ndarray:
@@ -67,7 +101,7 @@ def _check_batch(batch: np.ndarray, card: ModelCard) -> np.ndarray:
 
 
 @dataclass
-class SavedModelScorer:
+class SavedModelScorer(_Judging):
     card: ModelCard
     path: Path
     module: Any = field(repr=False)
@@ -76,15 +110,23 @@ class SavedModelScorer:
     output_name: str
     order: np.ndarray = field(repr=False)
     variant: str = "savedmodel"
+    features_name: str | None = None
+    trust: Trust = field(default_factory=Trust.raw)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import tensorflow as tf
 
         batch = _check_batch(batch, self.card)
         if len(batch) == 0:
-            return np.zeros((0, len(CLASSES)), np.float32)
+            width = (
+                self.function.structured_outputs[self.features_name].shape[-1] if self.features_name else 0
+            )
+            empty = np.zeros((0, width), np.float32) if self.features_name else None
+            return np.zeros((0, len(CLASSES)), np.float32), empty
         outputs = self.function(**{self.input_name: tf.convert_to_tensor(batch)})
-        return np.asarray(outputs[self.output_name], dtype=np.float32)[:, self.order]
+        probabilities = np.asarray(outputs[self.output_name], dtype=np.float32)[:, self.order]
+        features = np.asarray(outputs[self.features_name], np.float32) if self.features_name else None
+        return probabilities, features
 
 
 def serving_signature(module: Any) -> tuple[Any, str, str]:
@@ -114,13 +156,27 @@ def serving_signature(module: Any) -> tuple[Any, str, str]:
     return function, input_name, output_name
 
 
+def features_output(function: Any) -> str | None:
+    """The serving signature's features output name, or None (exports before issue 11, the original)."""
+    return FEATURES_OUTPUT if FEATURES_OUTPUT in function.structured_outputs else None
+
+
 def load_savedmodel(path: Path, card: ModelCard) -> SavedModelScorer:
     import tensorflow as tf
 
     module = tf.saved_model.load(str(path))
     function, input_name, output_name = serving_signature(module)
     # The module keeps the variables alive; the signature alone would not.
-    return SavedModelScorer(card, Path(path), module, function, input_name, output_name, class_order(card))
+    return SavedModelScorer(
+        card,
+        Path(path),
+        module,
+        function,
+        input_name,
+        output_name,
+        class_order(card),
+        features_name=features_output(function),
+    )
 
 
 def tflite_interpreter_class() -> Any:
@@ -155,12 +211,17 @@ def _dequantize(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 
 @dataclass
-class TFLiteScorer:
+class TFLiteScorer(_Judging):
     card: ModelCard
     path: Path
     interpreter: Any = field(repr=False)
     order: np.ndarray = field(repr=False)
     variant: str = "tflite"
+    # Tensor indices of the outputs, from the file's signature (output order in a converted file is
+    # not the signature's order).
+    probabilities_index: int = -1
+    features_index: int | None = None
+    trust: Trust = field(default_factory=Trust.raw)
     _batch: int = field(default=-1, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -168,10 +229,14 @@ class TFLiteScorer:
     def quantized(self) -> bool:
         return bool(self.interpreter.get_input_details()[0]["quantization"][0])
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def _output_detail(self, index: int) -> dict[str, Any]:
+        return next(d for d in self.interpreter.get_output_details() if d["index"] == index)
+
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = _check_batch(batch, self.card)
         if len(batch) == 0:
-            return np.zeros((0, len(CLASSES)), np.float32)
+            empty = np.zeros((0, 0), np.float32) if self.features_index is not None else None
+            return np.zeros((0, len(CLASSES)), np.float32), empty
         # One interpreter is not re-entrant; a worker calls from one thread, evaluate too.
         with self._lock:
             interpreter = self.interpreter
@@ -182,11 +247,15 @@ class TFLiteScorer:
                 interpreter.allocate_tensors()
                 self._batch = len(batch)
                 input_detail = interpreter.get_input_details()[0]
-            output_detail = interpreter.get_output_details()[0]
+            output_detail = self._output_detail(self.probabilities_index)
             interpreter.set_tensor(input_detail["index"], _quantize(batch, input_detail))
             interpreter.invoke()
             raw = interpreter.get_tensor(output_detail["index"])
             probabilities = _dequantize(raw, output_detail)
+            features = None
+            if self.features_index is not None:
+                feature_detail = self._output_detail(self.features_index)
+                features = _dequantize(interpreter.get_tensor(self.features_index), feature_detail)
         if output_detail["quantization"][0]:
             # An int8 softmax is exact to 1/256 only: renormalise so rows are distributions again.
             probabilities = np.clip(probabilities, 0.0, None)
@@ -194,7 +263,7 @@ class TFLiteScorer:
             probabilities = np.divide(
                 probabilities, total, out=np.full_like(probabilities, 0.25), where=total > 0
             )
-        return probabilities[:, self.order].astype(np.float32)
+        return probabilities[:, self.order].astype(np.float32), features
 
 
 def load_tflite(
@@ -209,11 +278,12 @@ def load_tflite(
         interpreter = tflite_interpreter_class()(model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or len(outputs) not in (1, 2):
         raise ModelNotFound(
-            f"{path}: a TFLite model with one input and one output expected, "
+            f"{path}: a TFLite model with one input and one output (plus features) expected, "
             f"got {len(inputs)} and {len(outputs)}"
         )
+    probabilities_index, features_index = _tflite_outputs(interpreter, outputs, path)
     shape = tuple(int(d) for d in inputs[0]["shape"][1:])
     spec = card.input_spec
     if shape != (spec.height, spec.width, spec.channels):
@@ -222,7 +292,29 @@ def load_tflite(
             f"{(spec.height, spec.width, spec.channels)}"
         )
     card = card.model_copy(update={"format": "tflite", "tflite_file": Path(path).name})
-    return TFLiteScorer(card, Path(path), interpreter, class_order(card), variant=variant)
+    return TFLiteScorer(
+        card,
+        Path(path),
+        interpreter,
+        class_order(card),
+        variant=variant,
+        probabilities_index=probabilities_index,
+        features_index=features_index,
+    )
+
+
+def _tflite_outputs(interpreter: Any, outputs: list[dict[str, Any]], path: Path) -> tuple[int, int | None]:
+    """(probabilities tensor index, features tensor index or None), by the ``serve`` signature's names."""
+    if len(outputs) == 1:
+        return int(outputs[0]["index"]), None
+    signatures = interpreter.get_signature_list()
+    key = "serve" if "serve" in signatures else next(iter(signatures), None)
+    if key is None:
+        raise ModelNotFound(f"{path}: two outputs but no signature naming them")
+    named = interpreter.get_signature_runner(key).get_output_details()
+    if "output_0" not in named or FEATURES_OUTPUT not in named:
+        raise ModelNotFound(f"{path}: outputs {sorted(named)}, expected output_0 and {FEATURES_OUTPUT}")
+    return int(named["output_0"]["index"]), int(named[FEATURES_OUTPUT]["index"])
 
 
 def variant_file(ref: ModelRef, variant: str) -> Path:
@@ -250,8 +342,41 @@ def load_scorer(
 
     ``model_format`` picks the variant ("savedmodel", "tflite", "tflite-int8"); None reads
     ``BRAINSCAN_MODEL_FORMAT``, and an empty value means the card's own format. ``num_threads`` sizes
-    the TFLite interpreter (None reads ``BRAINSCAN_TF_THREADS``; 0 means all cores).
+    the TFLite interpreter (None reads ``BRAINSCAN_TF_THREADS``; 0 means all cores). The scorer's
+    ``trust`` comes from the card (``BRAINSCAN_UNCERTAIN_BELOW`` overrides its threshold).
     """
+    scorer = _load_variant(ref_or_path, model_format, num_threads)
+    scorer.trust = load_trust(scorer)
+    return scorer
+
+
+def load_trust(scorer: Scorer) -> Trust:
+    """The card's trust section for this variant; refuses a detector whose features it cannot serve."""
+    from brainscan.settings import get_settings
+
+    card = scorer.card
+    folder = scorer.path if scorer.path.is_dir() else scorer.path.parent
+    try:
+        trust = Trust.from_card(card.trust, folder, get_settings().uncertain_below)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"model {card.name}/{card.version}: {exc}") from None
+    if trust.detector is not None:
+        probe = np.zeros(
+            (1, card.input_spec.height, card.input_spec.width, card.input_spec.channels), np.float32
+        )
+        _, features = scorer.predict_with_features(probe)
+        if features is None or features.shape[1] != trust.detector.means.shape[1]:
+            raise ModelNotFound(
+                f"model {card.name}/{card.version} ({scorer.variant}) has a scope detector but its "
+                f"{scorer.path.name} does not output {trust.detector.means.shape[1]} features: "
+                f"run `brainscan calibrate --model {folder} --data TRAINING` to re-export it"
+            )
+    return trust
+
+
+def _load_variant(
+    ref_or_path: ModelRef | Path | str, model_format: str | None, num_threads: int | None
+) -> Scorer:
     from brainscan.settings import get_settings
 
     if num_threads is None:

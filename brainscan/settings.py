@@ -49,6 +49,14 @@ class Settings(BaseSettings):
         description="Which variant of the model to serve: the SavedModel, or a TFLite file written by "
         "`brainscan export --tflite/--int8`; empty means the card's own format.",
     )
+    uncertain_below: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Flag a result 'uncertain' when its (calibrated) confidence is below this; empty "
+        "means the model card's threshold (chosen so unflagged validation scans are >= 99.5% correct), "
+        "else 0.9 for a model without one.",
+    )
     visibility_timeout_s: int = Field(
         300, ge=10, description="Seconds before Redis redelivers a message a dead worker held."
     )
@@ -60,6 +68,27 @@ class Settings(BaseSettings):
     max_scan_bytes: int = Field(64 * MIB, ge=1, description="Largest single scan file.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image (w*h).")
     max_items_per_job: int = Field(20_000, ge=1, description="Most scans one job may hold.")
+    # Scanner files (DICOM, NIfTI; brainscan/scanners.py), checked from the header before pixel work.
+    max_volume_slices: int = Field(
+        2048, ge=1, description="Most axial slices of one NIfTI volume or frames of one DICOM file."
+    )
+    max_volume_voxels: int = Field(
+        512**3, ge=1, description="Most voxels (pixels, all frames) in one NIfTI or DICOM file."
+    )
+    max_volume_bytes: int = Field(
+        512 * MIB,
+        ge=1,
+        description="Largest decoded scanner file: an uncompressed .nii (so the temporary file a "
+        ".nii.gz becomes) or a DICOM file's decoded pixel data.",
+    )
+
+    # Storage lifecycle (brainscan/storage.py).
+    retention_days: int = Field(
+        30,
+        ge=0,
+        description="Jobs (with their results) finished more than this many days ago are deleted, "
+        "and their scans unless a newer job holds them too; 0 = keep for ever.",
+    )
 
     # HTTP.
     host: str = Field("127.0.0.1", description="Address the API binds (and the CLI calls).")

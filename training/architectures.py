@@ -3,15 +3,17 @@
 - ``build_resnet50``: the original project's network, exactly: ResNet50 (include_top=False) ->
   Flatten -> Dense 512 relu -> Dropout 0.5 -> Dense 4 softmax, fed ``resnet50.preprocess_input`` pixels.
 - ``build_compact``: brainscan's default, a narrow residual net for single-channel, head-cropped
-  scans that trains from scratch on a 2-core CPU. It owns its input scaling (``preprocessing: none``).
+  scans that trains from scratch on a 2-core CPU. With ``rescale`` it owns its input scaling
+  (``preprocessing: none``, up to version 2); without, it takes ``head-zscore`` input as it is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from brainscan import CLASSES
 
@@ -66,10 +68,14 @@ def _residual_block(x, width: int, stride: int, name: str):  # type: ignore[no-u
     return layers.ReLU(name=f"{name}_out")(y)
 
 
-def build_compact(input_size: int, channels: int = 1, shape: CompactShape | None = None) -> keras.Model:
+def build_compact(
+    input_size: int, channels: int = 1, shape: CompactShape | None = None, rescale: bool = True
+) -> keras.Model:
+    """``rescale``: the input is uint8-range pixels, mapped to [-1, 1] in the graph; otherwise the
+    input is already standardised (``head-zscore``) and goes in unchanged."""
     shape = shape or CompactShape()
-    inputs = keras.Input((input_size, input_size, channels), name="pixels")  # uint8-range floats
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    inputs = keras.Input((input_size, input_size, channels), name="pixels")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs) if rescale else inputs
     x = layers.Conv2D(shape.stem_width, 3, strides=2, padding="same", use_bias=False, name="stem_conv1")(x)
     x = layers.BatchNormalization(name="stem_bn1")(x)
     x = layers.ReLU(name="stem_relu1")(x)
@@ -88,17 +94,69 @@ def build_compact(input_size: int, channels: int = 1, shape: CompactShape | None
 
 @dataclass(frozen=True)
 class Augmentation:
-    rotation_degrees: float = 15.0
-    shift: float = 0.1
+    """Training-time changes; the defaults change nothing (a recipe names what it uses)."""
+
+    rotation_degrees: float = 0.0
+    shift: float = 0.0
     shear: float = 0.0
-    zoom: float = 0.15
-    horizontal_flip: bool = True
-    contrast: float = 0.15
-    brightness: float = 0.1
+    zoom: float = 0.0
+    horizontal_flip: bool = False
+    contrast: float = 0.0  # Keras RandomContrast factor (the original recipe's style)
+    brightness: float = 0.0  # Keras RandomBrightness factor
+    # Per-scan intensity changes as scanners and windowing make them (``RandomIntensity``), as
+    # (low, high) factor ranges sampled log-uniformly; None leaves that change out.
+    contrast_range: tuple[float, float] | None = None  # PIL-style: around the scan's mean
+    brightness_range: tuple[float, float] | None = None  # a gain
+    gamma_range: tuple[float, float] | None = None
+    window_jitter: float = 0.0  # black and white points each move by up to this fraction of 255
+
+
+class RandomIntensity(layers.Layer):
+    """Random window, gamma, contrast and brightness per scan, on uint8-range pixels, while training.
+
+    Contrast and brightness follow ``PIL.ImageEnhance`` (blend with the scan's mean grey / with
+    black), the shifts a served scan meets when a scanner, a DICOM window or a 16-bit stretch sets its
+    intensities. Each result is clipped to 0-255, as an 8-bit file would be.
+    """
+
+    def __init__(self, aug: Augmentation, seed: int | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.aug = aug
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _factor(self, batch, bounds: tuple[float, float]):  # type: ignore[no-untyped-def]
+        low, high = math.log(bounds[0]), math.log(bounds[1])
+        shape = (batch, 1, 1, 1)
+        return ops.exp(keras.random.uniform(shape, low, high, seed=self.seed_generator))
+
+    def call(self, x, training: bool = False):  # type: ignore[no-untyped-def]
+        if not training:
+            return x
+        aug, batch = self.aug, ops.shape(x)[0]
+        if aug.window_jitter:
+            jitter = aug.window_jitter * 255.0
+            black = keras.random.uniform((batch, 1, 1, 1), -jitter, jitter, seed=self.seed_generator)
+            white = 255.0 + keras.random.uniform((batch, 1, 1, 1), -jitter, jitter, seed=self.seed_generator)
+            x = ops.clip((x - black) * (255.0 / (white - black)), 0.0, 255.0)
+        if aug.gamma_range:
+            x = 255.0 * ops.power(x / 255.0, self._factor(batch, aug.gamma_range))
+        if aug.contrast_range:
+            mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+            x = ops.clip(mean + self._factor(batch, aug.contrast_range) * (x - mean), 0.0, 255.0)
+        if aug.brightness_range:
+            x = ops.clip(x * self._factor(batch, aug.brightness_range), 0.0, 255.0)
+        return x
+
+    def compute_output_shape(self, input_shape):  # type: ignore[no-untyped-def]
+        return input_shape
 
 
 def build_augmenter(aug: Augmentation, seed: int = 1337) -> keras.Sequential:
-    """Random geometry and intensity changes, applied to uint8-range pixels of a batch at train time."""
+    """Random geometry and intensity changes, applied to uint8-range pixels of a batch at train time.
+
+    Geometry first, intensity after: the black that rotation and zoom bring in is then shifted
+    like the scan's own background, as it would be on a scanner.
+    """
     steps: list[layers.Layer] = []
     if aug.horizontal_flip:
         steps.append(layers.RandomFlip("horizontal", seed=seed))
@@ -116,4 +174,6 @@ def build_augmenter(aug: Augmentation, seed: int = 1337) -> keras.Sequential:
         steps.append(layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
     if aug.brightness:
         steps.append(layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
+    if aug.contrast_range or aug.brightness_range or aug.gamma_range or aug.window_jitter:
+        steps.append(RandomIntensity(aug, seed=seed, name="random_intensity"))
     return keras.Sequential(steps, name="augment")

@@ -1,4 +1,9 @@
-"""``brainscan export``: check a model folder's SavedModel + card, and write its TFLite variants.
+"""``brainscan export``: write a model's SavedModel (with features), check it, and write its TFLite variants.
+
+- ``export_savedmodel``: a Keras model -> SavedModel whose ``serve`` (and ``serving_default``)
+  signature returns ``output_0`` (the probabilities, as the original contract) and ``features`` (the
+  penultimate layer: the compact net's ``pool``, ResNet50's 512-wide dense layer), which the scope
+  detector (``brainscan.trust``) reads from the same forward pass.
 
 - ``model.tflite``: the float graph, converted from the SavedModel's ``serve`` signature. It must give
   the SavedModel's probabilities (``max_abs_diff`` in the card, typically ~1e-7).
@@ -24,8 +29,65 @@ import numpy as np
 from brainscan import CLASSES
 from brainscan.imaging import InputSpec, ScanError, prepare
 from brainscan.modelrepo import ModelCard, ModelNotFound, ModelRef, read_card
-from brainscan.runtime import DEFAULT_VARIANT_FILES, Scorer, load_savedmodel, load_tflite, predict_in_batches
+from brainscan.runtime import (
+    DEFAULT_VARIANT_FILES,
+    Scorer,
+    load_savedmodel,
+    load_tflite,
+    load_trust,
+    predict_in_batches,
+)
+from brainscan.trust import FEATURES_OUTPUT
 from training.audit import list_images
+
+
+def feature_layer(model: Any) -> tuple[str, Any]:
+    """(name, symbolic output) of the layer whose output feeds the classifier: the scope features.
+
+    The compact net's global average pooling ``pool``; otherwise the input of the final Dense layer
+    (ResNet50's 512-wide dense layer, through a Dropout that is the identity when serving).
+    """
+    import keras
+
+    try:
+        pool = model.get_layer("pool")
+        return pool.name, pool.output
+    except ValueError:
+        pass
+    head = model.layers[-1]
+    if not isinstance(head, keras.layers.Dense):
+        raise ValueError(f"model {model.name}: its last layer is not Dense; cannot find its features")
+    source = head.input
+    # Step back over a Dropout (identity at inference) to name the layer that computes the features.
+    producer = source._keras_history.operation if hasattr(source, "_keras_history") else None
+    if isinstance(producer, keras.layers.Dropout):
+        source = producer.input
+        producer = source._keras_history.operation
+    return getattr(producer, "name", "penultimate"), source
+
+
+def export_savedmodel(model: Any, folder: Path) -> Path:
+    """Write ``model`` as a SavedModel serving ``output_0`` (probabilities) and ``features``.
+
+    The input keeps the model's own name (``pixels``, ``keras_tensor``), so the card-less original's
+    contract (``keras_tensor`` in, ``output_0`` out) still holds for a ResNet50 export.
+    """
+    import keras
+    import tensorflow as tf
+
+    _, features = feature_layer(model)
+    served = keras.Model(model.inputs, {"output_0": model.outputs[0], FEATURES_OUTPUT: features})
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=model.inputs[0].name)
+    archive = keras.export.ExportArchive()
+    archive.track(served)
+
+    def serve(x):  # type: ignore[no-untyped-def]
+        return served(x, training=False)
+
+    for endpoint in ("serve", "serving_default"):
+        archive.add_endpoint(name=endpoint, fn=serve, input_signature=[spec])
+    archive.write_out(str(folder), verbose=False)
+    return Path(folder)
 
 
 def check_savedmodel(model_dir: Path) -> tuple[ModelRef, list[str]]:
@@ -144,6 +206,21 @@ def compare(reference: Scorer, other: Scorer, inputs: np.ndarray, batch_size: in
     }
 
 
+def flag_agreement(
+    reference: Scorer, other: Scorer, inputs: np.ndarray, batch_size: int = 16
+) -> dict[str, Any]:
+    """Share of ``inputs`` whose flag (and label) ``other`` serves as ``reference`` does, trust applied."""
+    expected, got = [], []
+    for start in range(0, len(inputs), batch_size):
+        expected += reference.judge(inputs[start : start + batch_size])
+        got += other.judge(inputs[start : start + batch_size])
+    same = [(a.flag, a.label) == (b.flag, b.label) for a, b in zip(expected, got, strict=True)]
+    return {
+        "flag_agreement": float(np.mean(same)) if same else 1.0,
+        "out_of_scope_share": float(np.mean([v.flag == "out_of_scope" for v in got])) if got else 0.0,
+    }
+
+
 def export_variants(
     model_dir: Path,
     tflite: bool = False,
@@ -160,6 +237,7 @@ def export_variants(
     card = ref.card
     spec = card.input_spec
     saved = load_savedmodel(ref.path, card)
+    saved.trust = load_trust(saved)
     results: dict[str, Any] = {"notes": notes, "variants": {}}
 
     if int8 and representative_dir is None:
@@ -193,6 +271,7 @@ def export_variants(
         out_file = ref.path / DEFAULT_VARIANT_FILES[variant]
         convert_tflite(ref.path, out_file, calibration)
         scorer = load_tflite(out_file, card, num_threads, variant)
+        scorer.trust = load_trust(scorer)  # refuses a file without the features the detector needs
         entry: dict[str, Any] = {"file": out_file.name, "bytes": out_file.stat().st_size}
         entry.update(compare(saved, scorer, probe))
         if calibration is not None:
@@ -203,6 +282,12 @@ def export_variants(
             entry["val_loss"] = metrics["loss"]
             entry["savedmodel_val_accuracy"] = results["savedmodel_val_accuracy"]
             entry["validation"] = validation["description"]
+            if card.trust is not None:  # flags as served, against the SavedModel's, on validation
+                pixels = validation["scans"].pixels.astype(np.float32)
+                from brainscan.imaging import normalize
+
+                inputs = np.asarray(normalize(pixels, spec.preprocessing), dtype=np.float32)
+                entry["validation_flags"] = flag_agreement(saved, scorer, inputs)
         card.variants[variant] = entry
         if variant == "tflite":
             card.tflite_file = out_file.name

@@ -24,7 +24,7 @@ import numpy as np
 from brainscan import CLASSES
 from brainscan.imaging import InputSpec, normalize
 from brainscan.modelrepo import ModelCard
-from training.data import class_counts, leak_free_split, load_scanset
+from training.data import ScanSet, class_counts, leak_free_split, load_scanset
 from training.recipe import (
     RECIPES,
     Recipe,
@@ -63,7 +63,9 @@ def build_model(recipe: Recipe, weights: str | None):  # type: ignore[no-untyped
         return build_resnet50(backbone_weights, recipe.input_size)
     if weights not in (None, "none"):
         raise ValueError("--weights applies to the resnet50 architecture only")
-    return build_compact(recipe.input_size, recipe.channels, recipe.compact_shape), None
+    # preprocessing "none": the network scales uint8-range pixels itself; "head-zscore": input as is.
+    rescale = recipe.preprocessing == "none"
+    return build_compact(recipe.input_size, recipe.channels, recipe.compact_shape, rescale), None
 
 
 def with_input_normalisation(model, recipe: Recipe):  # type: ignore[no-untyped-def]
@@ -105,16 +107,42 @@ def train(
 
     started = time.monotonic()
     recipe = with_overrides(RECIPES[arch], epochs=epochs, batch_size=batch_size)
-    precision = training_precision(recipe)
-    spec = input_spec(recipe)
     out_dir = Path(out_dir)
-    checkpoints, reports = out_dir / "checkpoints", out_dir / "reports"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    reports.mkdir(parents=True, exist_ok=True)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out_dir / "reports").mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(recipe.split_seed)
 
     # 1. Data: decoded once by the serving code, split without leaks.
-    scans = load_scanset(Path(data_dir), spec, cache_dir)
+    train_set, val_set = load_split(Path(data_dir), recipe, cache_dir, limit_per_class)
+    # 2. Model and training, stage by stage, under the training precision (float32 variables either way).
+    model = fit_stages(recipe, weights, train_set, val_set, out_dir, verbose, extra_callbacks or [])
+    # 3. Best epoch -> evaluation -> export -> reports, in float32: served models never depend on bf16.
+    finish(
+        model,
+        recipe,
+        train_set,
+        val_set,
+        out_dir,
+        data_dir=data_dir,
+        weights=weights,
+        test_dir=test_dir,
+        cache_dir=cache_dir,
+        name=name,
+        version=version,
+        started=started,
+    )
+    # 4. Trust (issue 11, training/calibrate.py): scope detector fitted on the training split, temperature
+    #    and flag thresholds on the validation split; written beside the card.
+    from training.calibrate import calibrate_model
+
+    return calibrate_model(out_dir, Path(data_dir), cache_dir)
+
+
+def load_split(
+    data_dir: Path, recipe: Recipe, cache_dir: Path | None, limit_per_class: int | None
+) -> tuple[ScanSet, ScanSet]:
+    """(train, validation) scans, decoded at the recipe's input spec; optionally the first N per class."""
+    scans = load_scanset(data_dir, input_spec(recipe), cache_dir)
     if limit_per_class:
         keep = np.zeros(len(scans.labels), dtype=bool)
         for k in range(len(CLASSES)):
@@ -126,11 +154,25 @@ def train(
         f"(duplicate groups kept on one side), fingerprint {scans.fingerprint}",
         file=sys.stderr,
     )
+    return train_set, val_set
+
+
+def fit_stages(  # type: ignore[no-untyped-def]
+    recipe: Recipe,
+    weights: str | None,
+    train_set: ScanSet,
+    val_set: ScanSet,
+    out_dir: Path,
+    verbose: int | str,
+    extra_callbacks: list,
+):
+    """Train stage by stage (resuming finished stages), restore the best epoch; the float32 served model."""
+    import keras
+
+    precision = training_precision(recipe)
     train_data = to_dataset(train_set.pixels, train_set.labels, recipe, shuffle=True, seed=recipe.split_seed)
     val_data = to_dataset(val_set.pixels, val_set.labels, recipe, shuffle=False, seed=recipe.split_seed)
     steps_per_epoch = int(np.ceil(len(train_set.labels) / recipe.batch_size))
-
-    # 2. Model and training, stage by stage, under the training precision (float32 variables either way).
     print(f"precision: {precision}", file=sys.stderr)
     saved_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
@@ -139,6 +181,7 @@ def train(
     finally:
         keras.mixed_precision.set_global_policy(saved_policy)
     trainable = training_model(with_input_normalisation(model, recipe), recipe, seed=recipe.split_seed)
+    checkpoints = out_dir / "checkpoints"
     best_weights = checkpoints / "best.weights.h5"
     first_epoch = 0
     for stage_index, stage in enumerate(recipe.stages, start=1):
@@ -162,29 +205,6 @@ def train(
             loss=make_loss(recipe),
             metrics=["accuracy"],
         )
-        callbacks: list = []
-        if recipe.ema_momentum:
-            # Validate and checkpoint the averaged weights: they are what gets exported.
-            callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-        callbacks += [
-            keras.callbacks.BackupAndRestore(str(checkpoints / f"backup-stage{stage_index}")),
-            keras.callbacks.ModelCheckpoint(
-                str(best_weights),
-                monitor="val_accuracy",
-                mode="max",
-                save_best_only=True,
-                save_weights_only=True,
-                initial_value_threshold=_best_so_far(reports / "history.csv"),
-            ),
-            keras.callbacks.CSVLogger(str(reports / "history.csv"), append=True),
-        ]
-        if recipe.early_stopping_patience:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_accuracy", mode="max", patience=recipe.early_stopping_patience
-                )
-            )
-        callbacks += extra_callbacks or []
         print(
             f"stage {stage_index}/{len(recipe.stages)}: {stage.epochs} epochs at learning rate "
             f"{stage.learning_rate:g}",
@@ -195,33 +215,49 @@ def train(
             validation_data=val_data,
             initial_epoch=first_epoch,
             epochs=first_epoch + stage.epochs,
-            callbacks=callbacks,
+            callbacks=stage_callbacks(recipe, stage_index, out_dir) + extra_callbacks,
             verbose=verbose,
         )
         trainable.save_weights(str(stage_done))
         first_epoch += stage.epochs
 
-    # 3. Best epoch -> evaluation -> export -> reports, in float32: served models never depend on bf16.
     if best_weights.exists():
         trainable.load_weights(str(best_weights))
     if precision != "float32":
         served, _ = build_model(recipe, weights)
         served.set_weights(model.get_weights())
         model = served
-    return finish(
-        model,
-        recipe,
-        train_set,
-        val_set,
-        out_dir,
-        data_dir=data_dir,
-        weights=weights,
-        test_dir=test_dir,
-        cache_dir=cache_dir,
-        name=name,
-        version=version,
-        started=started,
-    )
+    return model
+
+
+def stage_callbacks(recipe: Recipe, stage_index: int, out_dir: Path) -> list:
+    """EMA swap, resumable backup, best-epoch checkpoint, CSV history and optional early stopping."""
+    import keras
+
+    checkpoints, reports = out_dir / "checkpoints", out_dir / "reports"
+    callbacks: list = []
+    if recipe.ema_momentum:
+        # Validate and checkpoint the averaged weights: they are what gets exported.
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks += [
+        keras.callbacks.BackupAndRestore(str(checkpoints / f"backup-stage{stage_index}")),
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoints / "best.weights.h5"),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=_best_so_far(reports / "history.csv"),
+        ),
+        keras.callbacks.CSVLogger(str(reports / "history.csv"), append=True),
+    ]
+    if recipe.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=recipe.early_stopping_patience
+            )
+        )
+    return callbacks
 
 
 def recalibrate_batchnorm(model, pixels: np.ndarray, recipe: Recipe, batches: int = 50) -> None:  # type: ignore[no-untyped-def]
@@ -292,7 +328,9 @@ def finish(  # type: ignore[no-untyped-def]
             test_accuracy=test_metrics["accuracy"], test_loss=test_metrics["loss"], test_n=test_metrics["n"]
         )
 
-    model.export(str(out_dir), format="tf_saved_model", verbose=False)
+    from training.export import export_savedmodel
+
+    export_savedmodel(model, out_dir)  # serve: output_0 (probabilities) + features (issue 11)
     # The same network as a Keras file: Grad-CAM (worker/gradcam.py) needs its inner feature maps,
     # which a SavedModel's restored functions do not expose.
     model.save(str(out_dir / "model.keras"))

@@ -8,6 +8,13 @@ training. Decoding runs on a small thread pool (PIL releases the GIL) so that th
 decoded while the model scores the current one. The model is re-resolved at batch boundaries when
 ``models/promoted.json`` changes, so ``brainscan models promote`` takes effect without a restart.
 
+Trust. ``score_batch`` returns one ``brainscan.trust.Verdict`` per scan, computed by the scorer's
+``judge`` from the same forward pass as the probabilities: calibrated probabilities (the card's
+temperature), ``label`` (None when out of scope), ``confidence``, ``flag`` (None | "uncertain" |
+"out_of_scope"), ``flag_code``, ``flag_reason`` and ``scope_score`` (None without a detector). The
+model's cheap input checks run at decode time, on the decode threads, and travel in
+``Prepared.finding``.
+
 Threads. ``BRAINSCAN_TF_THREADS`` (``settings.tf_threads``) sizes TensorFlow's intra-op pool *and*
 the TFLite interpreter; with N worker processes on one machine set it to ``cores / N`` so they do
 not oversubscribe the cores (0 = every core, right for one worker per machine).
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,7 @@ from brainscan.imaging import ScanError, prepare
 from brainscan.modelrepo import PROMOTED_FILE, ModelCard, ModelNotFound, ModelRef, resolve_model
 from brainscan.runtime import Scorer, load_scorer
 from brainscan.settings import Settings, get_settings
+from brainscan.trust import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +69,16 @@ def configure_tensorflow(threads: int) -> None:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One scan, ready for the model (``pixels``) or failed with a per-item reason (``error``)."""
+    """One scan, ready for the model (``pixels``) or failed with a per-item reason (``error``).
+
+    ``finding`` is the reason code of a failed input check (``brainscan.trust.REASONS``): the scan is
+    still scored, and comes out ``out_of_scope``.
+    """
 
     pixels: np.ndarray | None
     error: str | None
     ms: float
+    finding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,14 @@ class Engine:
         probabilities = scorer.predict(dummy)
         if probabilities.shape != (dummy.shape[0], len(CLASSES)):
             raise ModelNotFound(f"model output has shape {probabilities.shape}, expected (n, {len(CLASSES)})")
+        trust = scorer.trust
+        log.info(
+            "trust: %s, temperature %.3f, uncertain below %.3f%s",
+            "scope detector" if trust.detector is not None else "no scope detector",
+            trust.temperature,
+            trust.uncertain_below,
+            "" if trust.calibrated else " (raw confidence: the model was never calibrated)",
+        )
         log.info(
             "serving %s/%s (%s) from %s (%s, input %s, %s threads) ready in %.1fs",
             ref.card.name,
@@ -177,9 +198,12 @@ class Engine:
 
     def _prepare_one(self, source: Callable[[], bytes]) -> Prepared:
         started = time.perf_counter()
+        finding = None
         try:
-            pixels: np.ndarray | None = self.prepare(source())
+            data = source()
+            pixels: np.ndarray | None = self.prepare(data)
             error = None
+            finding = self._input_finding(data)
         except FileNotFoundError:
             pixels, error = None, "scan bytes missing from storage"
         except ScanError as exc:
@@ -187,14 +211,25 @@ class Engine:
         except Exception as exc:  # a decoder bug must fail one item, not the worker
             log.exception("unexpected error preparing a scan")
             pixels, error = None, f"cannot decode image: {type(exc).__name__}"
-        return Prepared(pixels, error, (time.perf_counter() - started) * 1000.0)
+        return Prepared(pixels, error, (time.perf_counter() - started) * 1000.0, finding)
 
-    def score_batch(self, images: np.ndarray) -> np.ndarray:
-        """float32 [n, h, w, c] -> probabilities [n, 4] in ``CLASSES`` order."""
+    def _input_finding(self, data: bytes) -> str | None:
+        """The served model's input checks on bytes ``prepare`` accepted (None: passed, or no checks)."""
         if self.model is None:
             self.load()
         assert self.model is not None
-        return self.model.scorer.predict(images)
+        try:
+            return self.model.scorer.trust.check(data)
+        except Exception:  # the file decoded once already; a check must never fail the scan
+            log.exception("input check failed to run; scoring the scan without it")
+            return None
+
+    def score_batch(self, images: np.ndarray, findings: Sequence[str | None] | None = None) -> list[Verdict]:
+        """float32 [n, h, w, c] (+ each scan's input-check finding) -> one ``Verdict`` per scan."""
+        if self.model is None:
+            self.load()
+        assert self.model is not None
+        return self.model.scorer.judge(images, findings)
 
 
 _RUNNER: ThreadPoolExecutor | None = None

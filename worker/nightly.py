@@ -164,6 +164,7 @@ def _move(path: Path, folder: Path, sidecar_suffix: str, sidecar_text: str) -> N
 def score_inbox(settings: Settings, report: NightlyReport) -> None:
     from brainscan.db import session_scope
     from brainscan.intake import IntakeLimits, submit_job
+    from brainscan.queueing import default_publisher
     from brainscan.storage import ScanStore
 
     inbox = report.inbox
@@ -171,11 +172,21 @@ def score_inbox(settings: Settings, report: NightlyReport) -> None:
     claimed, report.skipped_settling = claim_files(inbox, settings.nightly_settle_s)
     store = ScanStore(settings.resolved_storage_dir)
     limits = IntakeLimits.from_settings(settings)
+    publisher = default_publisher()
     for path in claimed:
         try:
             with session_scope() as session:
                 owner = nightly_owner(session, settings)
-                job = submit_job(session, store, limits, owner, [(path, path.name)], source="nightly").job
+                job = submit_job(
+                    session,
+                    store,
+                    limits,
+                    owner,
+                    [(path, path.name)],
+                    enqueue=publisher.enqueue_job,
+                    notify=publisher.notify_jobs,
+                    source="nightly",
+                ).job
                 job_id, total, failed = job.id, job.total, job.failed
                 reasons = _intake_errors(session, job_id) if failed else []
         except Exception as exc:  # storage or database down: the file waits in failed/ with why
@@ -216,9 +227,9 @@ def rescore(settings: Settings, days: int, report: NightlyReport) -> None:
     from sqlalchemy.orm import aliased
 
     from brainscan.db import Item, ItemStatus, Job, session_scope, utcnow
-    from brainscan.intake import IntakeEntry, create_job
+    from brainscan.jobs import IntakeEntry, create_job
     from brainscan.modelrepo import resolve_model
-    from brainscan.queueing import enqueue_job
+    from brainscan.queueing import default_publisher
 
     card = resolve_model(settings.model_dir, settings.model_name, settings.model_version).card
     report.rescore_model = f"{card.name}/{card.version}"
@@ -258,8 +269,9 @@ def rescore(settings: Settings, days: int, report: NightlyReport) -> None:
             job = create_job(session, owner, entries[start : start + size], source="rescore")
             report.rescore_jobs.append(job.id)
     report.rescore_items = len(entries)
+    publisher = default_publisher()
     for job_id in report.rescore_jobs:
-        enqueue_job(job_id)  # after commit; the reaper sends them if the broker is down
+        publisher.enqueue_job(job_id)  # after commit; the reaper sends them if the broker is down
 
 
 # ---- entry points ----------------------------------------------------------------------------------

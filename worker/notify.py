@@ -1,94 +1,86 @@
 """Job-finished webhooks: ``brainscan.notify_job(job_id)`` POSTs the job's summary to its callback_url.
 
 Who sends it. ``worker/tasks.py`` closes a job with a guarded UPDATE (``finished_at IS NULL``) and
-calls :func:`enqueue_notifications` with the jobs *that* transaction closed, after it committed; a
-redelivered batch closes nothing, so it notifies nothing. ``brainscan.intake`` does the same for a
-job that is final at submit (every file failed at intake).
+calls ``Publisher.notify_jobs`` (``brainscan/queueing.py``) with the jobs *that* transaction closed,
+after it committed; a redelivered batch closes nothing, so it notifies nothing. ``brainscan.intake``
+does the same for a job that is final at submit (every file failed at intake).
 
-Why a thread. ``brainscan.webhooks.notify`` retries with backoff (seconds to minutes). A worker runs
-the solo pool, so sleeping in the task would stop scoring for as long; the task hands the delivery to
-a small thread pool and returns. The pool's threads are joined when the worker exits, so a warm
-shutdown (SIGTERM) finishes pending deliveries; a killed worker loses the retries in flight (logged
-at each attempt). The queue is ``NOTIFY_QUEUE``, apart from the scoring lane.
+Retries are Celery's. Each run of the task makes one POST (``brainscan.webhooks.post_once``); a
+failure worth another try raises :class:`WebhookNotDelivered` and ``autoretry_for`` sends the task
+again after ``retry_backoff`` (``settings.webhook_backoff_s``, doubling, capped), at most
+``settings.webhook_attempts`` tries in all; a ``Retry-After`` longer than that is honoured through
+``self.retry``. The retry is a message on the broker, not a sleeping thread, so a worker that dies
+loses nothing (``acks_late``), and the solo pool keeps scoring while a try waits. The delivery id is
+the task id, the same for every try and redelivery. The queue is ``NOTIFY_QUEUE``, apart from the
+scoring lane.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from brainscan.db import Job, session_scope
+from brainscan.logs import job_context
 from brainscan.settings import get_settings
-from worker.celery import NOTIFY_QUEUE, NOTIFY_TASK, app
+from brainscan.webhooks import job_payload, post_once, retry_delay
+from worker.celery import NOTIFY_TASK, app
 
 log = logging.getLogger(__name__)
 
-DELIVERY_THREADS = 4
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+SETTINGS = get_settings()
+# A retry waits on the broker unacked; past the visibility timeout Redis would hand it out twice.
+MAX_BACKOFF_S = min(300, SETTINGS.visibility_timeout_s // 2)
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=DELIVERY_THREADS, thread_name_prefix="webhook")
-        return _POOL
+class WebhookNotDelivered(Exception):
+    """A try that failed in a way worth retrying (connection error, timeout, 429, 5xx)."""
 
 
-def deliver(job_id: str) -> bool | None:
-    """Load the job and POST its summary (with retries). None when there is nothing to send."""
-    from brainscan.db import Job, session_scope
-    from brainscan.logs import job_context
-    from brainscan.webhooks import job_payload, notify
-
-    settings = get_settings()
+def load_webhook(job_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The job's callback URL and payload; None when there is nothing to send."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or not job.callback_url or job.finished_at is None:
             return None
-        url, payload = job.callback_url, job_payload(job)
-    with job_context(job_id):
-        return notify(url, payload, settings.webhook_attempts, settings.webhook_backoff_s)
+        return job.callback_url, job_payload(job)
 
 
-def _delivered(future: Future[Any], job_id: str) -> None:
-    exc = future.exception()
-    if exc is not None:  # notify never raises; a database error loading the job might
-        log.error("webhook for job %s not sent: %s", job_id, type(exc).__name__, extra={"job_id": job_id})
-
-
-@app.task(name=NOTIFY_TASK, ignore_result=True, acks_late=False)
-def notify_job(job_id: str) -> None:
-    """Celery entry point: hand the delivery to the webhook threads and return at once."""
+@app.task(
+    bind=True,
+    name=NOTIFY_TASK,
+    ignore_result=True,
+    acks_late=True,
+    autoretry_for=(WebhookNotDelivered,),
+    retry_backoff=SETTINGS.webhook_backoff_s,
+    retry_backoff_max=MAX_BACKOFF_S,
+    retry_jitter=False,
+    default_retry_delay=0,  # used only when webhook_backoff_s is 0
+    max_retries=SETTINGS.webhook_attempts - 1,
+)
+def notify_job(self: Any, job_id: str) -> None:
+    """One try of the job's webhook; Celery schedules the next one."""
     job_id = str(job_id)[:64]
-    future = _pool().submit(deliver, job_id)
-    future.add_done_callback(lambda f: _delivered(f, job_id))
-
-
-def enqueue_notifications(job_ids: Iterable[str]) -> None:
-    """Queue ``notify_job`` for each job (call after the transaction that closed them committed).
-
-    Never raises: a broker hiccup costs a webhook (logged), never the results already committed.
-    """
-    ids = [str(job_id) for job_id in job_ids]
-    if not ids:
+    webhook = load_webhook(job_id)
+    if webhook is None:
         return
-    try:
-        from brainscan.queueing import PUBLISH_RETRY_POLICY, _celery
-
-        client: Any = _celery()
-        with client.producer_or_acquire() as producer:
-            for job_id in ids:
-                client.send_task(
-                    NOTIFY_TASK,
-                    args=[job_id],
-                    queue=NOTIFY_QUEUE,
-                    producer=producer,
-                    retry=True,
-                    retry_policy=PUBLISH_RETRY_POLICY,
-                )
-    except Exception as exc:
-        log.error("could not queue %d job webhook(s): %s", len(ids), type(exc).__name__)
+    url, payload = webhook
+    attempt = self.request.retries + 1
+    with job_context(job_id):
+        result = post_once(url, payload, delivery=str(self.request.id))
+        if result.delivered:
+            return
+        extra = {"job_id": job_id}
+        if not result.retry:
+            log.warning("webhook refused, not retried: %s", result.outcome, extra=extra)
+            return
+        if attempt > self.max_retries:
+            log.warning("webhook failed after %d attempts: %s", attempt, result.outcome, extra=extra)
+            return
+        log.info("webhook attempt %d failed (%s); retrying", attempt, result.outcome, extra=extra)
+    failure = WebhookNotDelivered(result.outcome)
+    backoff = retry_delay(attempt, SETTINGS.webhook_backoff_s, MAX_BACKOFF_S)
+    if result.retry_after > backoff:  # the receiver asked for longer than our backoff
+        countdown = retry_delay(attempt, SETTINGS.webhook_backoff_s, MAX_BACKOFF_S, result.retry_after)
+        raise self.retry(exc=failure, countdown=countdown)
+    raise failure

@@ -6,7 +6,7 @@ messages of *any* job and flushes them into one call when they hold ``FLUSH_BATC
 items, or every ``max_batch_wait_ms``, whichever comes first. The call splits the items into model
 batches of ``batch_size`` and decodes batch k+1 on a thread pool while the model scores batch k.
 
-Latency. Small jobs are published on the urgent lane (Redis priority, ``worker/celery.py``), so the
+Latency. Small jobs are published on the urgent lane (Redis priority, ``brainscan/queue_contract.py``), so the
 worker reads them before any queued bulk message; within a flush their items go into the first
 model batch. A single scan submitted while an archive is being scored therefore waits for at most
 the flush in progress (about ``FLUSH_BATCHES`` batch times) plus one batch, or ``max_batch_wait_ms``
@@ -33,18 +33,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from celery import signals
 from celery_batches import Batches
 from sqlalchemy import case, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from brainscan import CLASSES
-from brainscan.db import Item, ItemStatus, Job, JobStatus, session_scope, utcnow
-from brainscan.queueing import HEARTBEAT_PREFIX, enqueue_items
+from brainscan.db import Item, ItemStatus, Job, JobStatus, session_scope, utcnow, with_db_retry
+from brainscan.queue_contract import HEARTBEAT_PREFIX
+from brainscan.queueing import default_publisher, redis_client
 from brainscan.settings import get_settings
 from brainscan.storage import ScanStore
 from worker.celery import REAP_TASK, SCORE_TASK, URGENT_PRIORITY, app
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 # A flush holds two model batches: one is scored while the next decodes.
 FLUSH_BATCHES = 2
 OPEN_STATUSES = (ItemStatus.queued.value, ItemStatus.running.value)
-T = TypeVar("T")
 
 
 # ---- batching task class ---------------------------------------------------------------------
@@ -84,35 +83,6 @@ class ItemBatches(Batches):
             except (IndexError, TypeError, AttributeError):
                 total += 1
         return total
-
-
-# ---- database retry --------------------------------------------------------------------------
-def with_db_retry(operation: Callable[[], T], what: str) -> T:
-    """Run ``operation`` (one transaction), retrying connection-level failures with backoff."""
-    deadline = time.monotonic() + get_settings().db_retry_s
-    delay = 0.2
-    while True:
-        try:
-            return operation()
-        except (OperationalError, DBAPIError) as exc:
-            if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _transient(exc):
-                raise
-            if time.monotonic() + delay > deadline:
-                log.error(
-                    "database still failing after %ss while %s; giving up", get_settings().db_retry_s, what
-                )
-                raise
-            log.warning(
-                "database error while %s, retrying in %.1fs: %s", what, delay, type(exc.orig).__name__
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
-def _transient(exc: DBAPIError) -> bool:
-    # Connection refused/reset, server shutting down, SQLite "database is locked": worth a retry.
-    # Integrity and programming errors are not.
-    return isinstance(exc, OperationalError) or "connection" in str(exc.orig).lower()
 
 
 # ---- claiming and finalising ------------------------------------------------------------------
@@ -204,9 +174,7 @@ def finalize(outcomes: Iterable[Outcome], model_name: str, model_version: str) -
     # brainscan: webhooks -- only for jobs this (now committed) transaction closed: a redelivered
     # batch closes nothing, so it never notifies twice (worker/notify.py).
     if closed:
-        from worker.notify import enqueue_notifications
-
-        enqueue_notifications(closed)
+        default_publisher().notify_jobs(closed)
     return {job: (d, f) for job, (d, f) in moved.items()}
 
 
@@ -246,7 +214,7 @@ def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
     ids = sorted({int(i) for i in item_ids})
     if not ids:
         return 0
-    claimed = with_db_retry(lambda: claim(ids), "claiming items")
+    claimed = with_db_retry(lambda: claim(ids), "claiming items", settings.db_retry_s)
     if not claimed:
         return 0  # duplicate delivery: everything already final (or gone)
     card = engine.card
@@ -255,7 +223,9 @@ def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
     if exhausted:
         # An item whose every delivery killed its worker (or timed out) fails alone, at last.
         failures = [Outcome(c.id, c.job_id, ItemStatus.failed.value, error=_gave_up(c)) for c in exhausted]
-        with_db_retry(lambda: finalize(failures, card.name, card.version), "writing results")
+        with_db_retry(
+            lambda: finalize(failures, card.name, card.version), "writing results", settings.db_retry_s
+        )
         outcomes_total += len(failures)
     urgent = {int(i) for i in urgent_ids}
     # Stable sort: urgent items first, otherwise claim's (job, position) order.
@@ -271,10 +241,12 @@ def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
         if index + 1 < len(batches):  # decode the next batch while this one is scored
             pending = engine.prepare_many([_reader(store, c.sha256) for c in batches[index + 1]])
         outcomes, left_open = _score_prepared(engine, batch, prepared)
-        with_db_retry(lambda o=outcomes: finalize(o, card.name, card.version), "writing results")
+        with_db_retry(
+            lambda o=outcomes: finalize(o, card.name, card.version), "writing results", settings.db_retry_s
+        )
         outcomes_total += len(outcomes)
         if left_open:
-            with_db_retry(lambda s=left_open: note_errors(s), "recording model errors")
+            with_db_retry(lambda s=left_open: note_errors(s), "recording model errors", settings.db_retry_s)
     return outcomes_total
 
 
@@ -318,8 +290,8 @@ def _score_prepared(
         images = np.stack([p.pixels for _, p in good])
         started = time.perf_counter()
         try:
-            probabilities = engine.score_batch(images)
-            scored = list(zip(good, probabilities, strict=True))
+            verdicts = engine.score_batch(images, [p.finding for _, p in good])
+            scored = list(zip(good, verdicts, strict=True))
         except Exception as exc:
             # One poison scan must not take its batch-mates down with it: score them one by one.
             # A scan the model still fails on alone is left open (not failed: the error may be
@@ -330,12 +302,13 @@ def _score_prepared(
             scored = []
             for item, p in good:
                 try:
-                    scored.append(((item, p), engine.score_batch(p.pixels[None])[0]))
+                    scored.append(((item, p), engine.score_batch(p.pixels[None], [p.finding])[0]))
                 except Exception as single:
                     log.error("model call failed on item %d: %s", item.id, type(single).__name__)
                     left_open.append((item, f"model call failed on this scan: {type(single).__name__}"))
         per_item_ms = (time.perf_counter() - started) * 1000.0 / len(good)
-        for (item, p), row in scored:
+        for (item, p), verdict in scored:
+            row = verdict.probabilities  # issue 11: flag, flag_reason, scope_score, label are on verdict
             if not np.all(np.isfinite(row)):
                 outcomes.append(
                     Outcome(
@@ -409,10 +382,10 @@ def find_stranded(now: Any = None) -> list[int]:
 @app.task(name=REAP_TASK, ignore_result=True, acks_late=False)
 def reap() -> int:
     """Re-send items stranded by a broker outage at submit time or by a worker that died."""
-    ids = with_db_retry(find_stranded, "finding stranded items")
+    ids = with_db_retry(find_stranded, "finding stranded items", get_settings().db_retry_s)
     if ids:
         log.info("reaper: re-sending %d stranded item(s)", len(ids))
-        enqueue_items(ids)
+        default_publisher().enqueue_items(ids)
     return len(ids)
 
 
@@ -445,9 +418,7 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        import redis
-
-        client = redis.Redis.from_url(get_settings().broker_url, socket_connect_timeout=2, socket_timeout=2)
+        client = redis_client(get_settings().broker_url, timeout=2)
         while not self.stopped.is_set():
             # Broker down: the worker itself reconnects; keep trying quietly.
             with contextlib.suppress(Exception):

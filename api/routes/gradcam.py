@@ -1,24 +1,22 @@
 """``GET /v1/items/{id}/gradcam.png``: the scan with its Grad-CAM heatmap, computed by a worker.
 
 Present: 200 with the overlay PNG; ``X-Brainscan-Explainer`` says ``gradcam`` or ``saliency`` (the
-gradient saliency used for models without a Keras file, see worker/gradcam.py). Absent: the route
-queues a computation (once per ``PENDING_TTL_S``, however often it is polled) and answers 202
-``{"status": "pending", "retry_after": 2}`` with ``Retry-After``; poll again. Owner-checked.
+gradient saliency used for models without a Keras file, see worker/gradcam.py), ``X-Brainscan-Class``
+the class explained. Absent: the route queues a computation (once per ``PENDING_TTL_S``, however
+often it is polled) and answers 202 ``{"status": "pending", "retry_after": 2}`` with ``Retry-After``;
+poll again. Owner-checked.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import get_caller, get_session, get_settings
+from api.deps import CallerDep, PublisherDep, SessionDep, SettingsDep
 from api.routes.items import ITEM_ID, NOT_FOUND, own_item
 from api.schemas import Problem
-from brainscan.db import ApiKey
-from brainscan.heatmaps import HeatmapStore, request_heatmaps
-from brainscan.settings import Settings
+from brainscan.heatmaps import HeatmapStore
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
@@ -37,10 +35,11 @@ RETRY_AFTER_S = 2
     },
 )
 async def item_gradcam(
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
     item_id: int = ITEM_ID,
-    caller: ApiKey = Depends(get_caller),
-    session: Session = Depends(get_session),
-    settings: Settings = Depends(get_settings),
 ) -> Response:
     """The item's Grad-CAM overlay, or 202 while a worker computes it."""
     item = await run_in_threadpool(own_item, session, caller, item_id)
@@ -58,13 +57,15 @@ async def item_gradcam(
                 "X-Content-Type-Options": "nosniff",
                 "X-Brainscan-Explainer": text.get("explainer", "gradcam"),
                 "X-Brainscan-Model": text.get("model", ""),
+                # The class the map explains (the model's top class), without its raw probability.
+                "X-Brainscan-Class": text.get("class", "").split(" (")[0],
             },
         )
     reason = heatmaps.failure(item.id)
     if reason is not None:
         detail = f"cannot explain this scan: {reason}"
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
-    if heatmaps.claim_pending(item.id) and not await run_in_threadpool(request_heatmaps, [item.id]):
+    if heatmaps.claim_pending(item.id) and not await run_in_threadpool(publisher.request_heatmaps, [item.id]):
         heatmaps.release_pending(item.id)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,

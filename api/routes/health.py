@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from brainscan.queueing import redis_problem
+
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 1.0
 
@@ -31,25 +33,10 @@ def readyz(request: Request) -> JSONResponse:
     except Exception as exc:
         checks["database"] = {"ok": False, "error": type(exc).__name__}
 
-    try:
-        import redis
+    problem = redis_problem(settings.broker_url, CHECK_TIMEOUT_S)
+    checks["broker"] = {"ok": True} if problem is None else {"ok": False, "error": problem}
 
-        client = redis.Redis.from_url(
-            settings.broker_url, socket_connect_timeout=CHECK_TIMEOUT_S, socket_timeout=CHECK_TIMEOUT_S
-        )
-        try:
-            client.ping()
-        finally:
-            client.close()
-        checks["broker"] = {"ok": True}
-    except Exception as exc:  # the URL may hold a password: report the error type only
-        checks["broker"] = {"ok": False, "error": type(exc).__name__}
-
-    workers = 0
-    if checks["broker"]["ok"]:
-        from brainscan.queueing import ping_workers
-
-        workers = ping_workers(timeout=CHECK_TIMEOUT_S)
+    workers = request.app.state.publisher.ping_workers(timeout=CHECK_TIMEOUT_S) if problem is None else 0
     checks["workers"] = {"ok": workers > 0, "count": workers}
 
     ready = all(check["ok"] for check in checks.values())

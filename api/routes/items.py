@@ -1,4 +1,6 @@
-"""``/v1/items/{id}``: one scan of a job. ``image.png`` returns the stored scan as PNG.
+"""``/v1/items/{id}``: one scan of a job. ``image.png`` returns the stored scan as PNG; with
+``?view=model``, the scan as the served model sees it (cropped, resized, grey): the frame that
+``gradcam.png`` is drawn on, so the web page can lay the heatmap over it.
 
 Owner-checked like jobs: another key's item is "not found". ``own_item`` is shared with the
 Grad-CAM route.
@@ -7,18 +9,20 @@ Grad-CAM route.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+import numpy as np
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from fastapi.responses import Response
+from PIL import Image
 from sqlalchemy.orm import Session
 
-from api.deps import get_caller, get_session, get_settings, get_store
+from api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Problem
 from brainscan.db import ApiKey, Item, Job
-from brainscan.imaging import ScanError, open_image
+from brainscan.imaging import ScanError, load_pixels, open_image
+from brainscan.modelrepo import ModelNotFound, resolve_model
 from brainscan.settings import Settings
-from brainscan.storage import ScanStore
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
@@ -46,20 +50,38 @@ def own_item(session: Session, caller: ApiKey, item_id: int) -> Item:
         **NOT_FOUND,
         200: {"content": {"image/png": {}}, "description": "The stored scan, as PNG."},
         422: {"model": Problem, "description": "The stored file cannot be decoded."},
+        503: {"model": Problem, "description": "`view=model`: no model to serve."},
     },
 )
 def item_image(
+    caller: CallerDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
     item_id: int = ITEM_ID,
-    caller: ApiKey = Depends(get_caller),
-    session: Session = Depends(get_session),
-    store: ScanStore = Depends(get_store),
-    settings: Settings = Depends(get_settings),
+    view: Literal["stored", "model"] = Query(
+        "stored",
+        description="`stored`: the scan as stored; `model`: as the served model sees it (cropped, "
+        "resized, grey), the frame `gradcam.png` is drawn on. `X-Brainscan-Model` names that model.",
+    ),
 ) -> Response:
     """The scan this item scored (DICOM/NIfTI items: the PNG derived at intake)."""
     item = own_item(session, caller, item_id)
     if item.sha256 is None or not store.exists(item.sha256):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no scan stored for this item")
     data = store.read(item.sha256)
+    if view == "model":
+        png, model = _as_model_sees_it(data, settings)
+        # Not cached for long: a promotion changes the frame.
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "Cache-Control": "private, no-cache",
+                "X-Content-Type-Options": "nosniff",
+                "X-Brainscan-Model": model,
+            },
+        )
     if not data.startswith(PNG_MAGIC):
         try:
             image = open_image(data, settings.max_image_pixels)
@@ -76,3 +98,20 @@ def item_image(
         media_type="image/png",
         headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
     )
+
+
+def _as_model_sees_it(data: bytes, settings: Settings) -> tuple[bytes, str]:
+    """The scan through the serving path's decode, crop and resize, in grey as the Grad-CAM overlay
+    draws it (worker/gradcam.py ``overlay_png``); and the model, as ``name/version``."""
+    try:
+        ref = resolve_model(settings.model_dir, settings.model_name, settings.model_version)
+    except (ModelNotFound, OSError, ValueError) as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+    try:
+        pixels = load_pixels(data, ref.card.input_spec, settings.max_image_pixels)
+    except ScanError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    grey = pixels.astype(np.float32).mean(axis=-1) if pixels.ndim == 3 else pixels.astype(np.float32)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L").save(out, format="PNG")
+    return out.getvalue(), f"{ref.card.name}/{ref.card.version}"

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import get_caller, get_session, get_settings, get_store
+from api.deps import CallerDep, PublisherDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import JobAccepted, JobList, JobOut, Problem
-from api.upload import MalformedUpload, UploadTooLarge, spool_multipart
+from api.upload import MalformedUpload, SpooledForm, UploadTooLarge, spool_multipart
 from brainscan import intake, results
 from brainscan.db import ApiKey, Job
 from brainscan.settings import Settings
-from brainscan.storage import ScanStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -65,24 +65,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def submit_job(
     request: Request,
-    caller: ApiKey = Depends(get_caller),
-    session: Session = Depends(get_session),
-    settings: Settings = Depends(get_settings),
-    store: ScanStore = Depends(get_store),
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    publisher: PublisherDep,
 ) -> JSONResponse:
     """Upload scans (multipart field `files`, repeatable). Stored first, then queued: answers 202."""
-    try:
-        form = await spool_multipart(
-            request, store.tmp_dir, settings.max_request_bytes, max_parts=settings.max_items_per_job
-        )
-    except UploadTooLarge as exc:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            detail=f"{exc}: the limit is {settings.max_request_bytes} bytes per request "
-            "(BRAINSCAN_MAX_REQUEST_BYTES); nothing was stored",
-        ) from None
-    except MalformedUpload as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from None
+    form = await _spool(request, settings, store.tmp_dir)
     try:
         if not form.files:
             raise HTTPException(
@@ -98,6 +88,8 @@ async def submit_job(
                 intake.IntakeLimits.from_settings(settings),
                 caller.id,
                 [(spooled.path, spooled.filename) for spooled in form.files],
+                enqueue=publisher.enqueue_job,
+                notify=publisher.notify_jobs,
                 callback_url=callback_url,
             )
         except OSError as exc:
@@ -109,7 +101,9 @@ async def submit_job(
         form.cleanup()
     job = submitted.job
     if _flag(form.fields.get("gradcam")):  # Grad-CAM overlays, queued apart from scoring
-        await run_in_threadpool(_request_heatmaps, session, job.id)
+        # Best effort: GET gradcam.png computes on demand anyway.
+        ids = await run_in_threadpool(results.stored_item_ids, session, job.id)
+        await run_in_threadpool(publisher.request_heatmaps, ids)
     status_url = str(request.url_for("get_job", job_id=job.id))
     body = {
         "id": job.id,
@@ -122,18 +116,24 @@ async def submit_job(
     return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED, headers={"Location": status_url})
 
 
+async def _spool(request: Request, settings: Settings, tmp_dir: Path) -> SpooledForm:
+    """The multipart body on disk, or 413 (over the cap) / 400 (malformed); nothing left behind."""
+    try:
+        return await spool_multipart(
+            request, tmp_dir, settings.max_request_bytes, max_parts=settings.max_items_per_job
+        )
+    except UploadTooLarge as exc:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            detail=f"{exc}: the limit is {settings.max_request_bytes} bytes per request "
+            "(BRAINSCAN_MAX_REQUEST_BYTES); nothing was stored",
+        ) from None
+    except MalformedUpload as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from None
+
+
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _request_heatmaps(session: Session, job_id: str) -> None:
-    from sqlalchemy import select
-
-    from brainscan.db import Item
-    from brainscan.heatmaps import request_heatmaps
-
-    ids = session.scalars(select(Item.id).where(Item.job_id == job_id, Item.sha256.is_not(None))).all()
-    request_heatmaps(ids)  # best effort: GET gradcam.png computes on demand anyway
 
 
 def _callback_url(value: str | None) -> str | None:
@@ -156,10 +156,10 @@ def _own_job(session: Session, caller: ApiKey, job_id: str) -> Job:
 
 @router.get("", response_model=JobList, responses=ERRORS)
 def list_jobs(
+    caller: CallerDep,
+    session: SessionDep,
     offset: int = Query(0, ge=0, le=10**9),
     limit: int = Query(50, ge=1, le=1000),
-    caller: ApiKey = Depends(get_caller),
-    session: Session = Depends(get_session),
 ) -> dict[str, Any]:
     """The caller's jobs, newest first."""
     return results.list_jobs(session, caller.id, offset, limit)
@@ -173,10 +173,10 @@ def list_jobs(
 )
 def get_job(
     job_id: str,
+    caller: CallerDep,
+    session: SessionDep,
     offset: int = Query(0, ge=0, le=10**9, description="First item to return (upload order)."),
     limit: int = Query(100, ge=0, le=1000, description="Items per page; 0 for counts only."),
-    caller: ApiKey = Depends(get_caller),
-    session: Session = Depends(get_session),
 ) -> dict[str, Any]:
     """A job's status, counts and one page of its items."""
     return results.job_to_dict(session, _own_job(session, caller, job_id), offset, limit)
@@ -194,8 +194,8 @@ def get_job(
 def job_results_csv(
     request: Request,
     job_id: str,
-    caller: ApiKey = Depends(get_caller),
-    session: Session = Depends(get_session),
+    caller: CallerDep,
+    session: SessionDep,
 ) -> StreamingResponse:
     """Every item of the job as CSV, streamed."""
     job = _own_job(session, caller, job_id)

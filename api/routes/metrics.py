@@ -41,6 +41,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from brainscan.db import Item, ItemStatus, Job, JobStatus
+from brainscan.queue_contract import QUEUE, priority_lists
+from brainscan.queueing import count_heartbeats, redis_client
 from brainscan.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,6 @@ QUANTILES = (0.5, 0.9, 0.99)
 TOP_REASONS = 20
 REASON_CHARS = 80
 REDIS_TIMEOUT_S = 1.0
-# Kombu's Redis transport keeps a queue as one list per priority step: the plain name for step 0,
-# ``<queue>\x06\x16<step>`` for the others (kombu.transport.redis ``_q_for_pri``).
-KOMBU_PRIORITY_SEP = "\x06\x16"
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -171,27 +170,18 @@ class BrokerCollector(Collector):
         self.settings = settings
 
     def collect(self):  # type: ignore[no-untyped-def]
-        from brainscan.queueing import HEARTBEAT_PREFIX
-
         up = GaugeMetricFamily("brainscan_broker_up", "1 when the Redis broker answered.")
         try:
-            import redis
-
-            from worker.celery import PRIORITY_STEPS, QUEUE
-
-            client = redis.Redis.from_url(
-                self.settings.broker_url,
-                socket_connect_timeout=REDIS_TIMEOUT_S,
-                socket_timeout=REDIS_TIMEOUT_S,
-            )
+            # Kombu keeps a queue as one Redis list per priority step (brainscan.queue_contract).
+            client = redis_client(self.settings.broker_url, REDIS_TIMEOUT_S)
             try:
                 pipe = client.pipeline()
-                for step in PRIORITY_STEPS:
-                    pipe.llen(f"{QUEUE}{KOMBU_PRIORITY_SEP}{step}" if step else QUEUE)
+                for name in priority_lists(QUEUE):
+                    pipe.llen(name)
                 depth = sum(int(n) for n in pipe.execute())
-                workers = sum(1 for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
             finally:
                 client.close()
+            workers = count_heartbeats(self.settings.broker_url, REDIS_TIMEOUT_S)
         except Exception as exc:
             # The broker URL may hold a password: the error type only.
             log.warning("metrics: broker unreachable (%s)", type(exc).__name__)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 
-from api.deps import get_caller, get_settings
+from api.deps import CallerDep, SettingsDep
 from api.schemas import Problem, ServedModel
-from brainscan.db import ApiKey
 from brainscan.modelrepo import ModelNotFound, resolve_model
-from brainscan.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -23,9 +21,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
         503: {"model": Problem, "description": "No model to serve."},
     },
 )
-def served_model(
-    _caller: ApiKey = Depends(get_caller), settings: Settings = Depends(get_settings)
-) -> dict[str, Any]:
+def served_model(_caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
     """The model being served: name, version, classes, input contract and metrics."""
     try:
         ref = resolve_model(settings.model_dir, settings.model_name, settings.model_version)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, make_jpeg, wait_for
 
-from brainscan.embedded import free_port
+from brainscan_cli.embedded import free_port
+from tests.support.environment import ROOT, wait_for
+from tests.support.images import make_jpeg
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,7 +55,7 @@ def clean_environ() -> dict[str, str]:
 def run_up(env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "brainscan.cli", "up"],
+            [sys.executable, "-m", "brainscan_cli.main", "up"],
             env={**clean_environ(), **env, "PYTHONUNBUFFERED": "1"},
             cwd=ROOT,
             stdout=out,
@@ -65,7 +66,7 @@ def run_up(env: dict[str, str], log: Path) -> subprocess.Popen:
 def test_up_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "brainscan.cli", "up"],
+        [sys.executable, "-m", "brainscan_cli.main", "up"],
         env={
             **clean_environ(),
             "BRAINSCAN_VAR_DIR": str(tmp_path / "var"),

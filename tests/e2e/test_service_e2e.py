@@ -11,9 +11,13 @@ import io
 
 import httpx
 import pytest
-from conftest import Backend, Service, make_scans, make_zip, wait_for
 
 from brainscan import CLASSES
+from tests.support.archives import make_zip
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_scans
+from tests.support.processes import Service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

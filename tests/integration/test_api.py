@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_zip
-from conftest_api import Api, flushed_broker, make_api
 from PIL import Image
 from sqlalchemy import func, select
 
 from brainscan.auth import revoke_key
 from brainscan.db import Item, Job
 from brainscan.modelrepo import ModelCard
+from tests.support.api import Api, make_api
+from tests.support.archives import make_zip
+from tests.support.services import flushed_broker
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from conftest_api import Api, flushed_broker, make_api
 from hypothesis import HealthCheck, given, settings
 
 from brainscan.modelrepo import ModelCard
+from tests.support.api import Api, make_api
+from tests.support.services import flushed_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

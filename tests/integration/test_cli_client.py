@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_api import Api, flushed_broker, make_api
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from brainscan.cli import app as cli
-from brainscan.commands import client as client_commands
 from brainscan.db import Item, Job
+from brainscan_cli.commands import client as client_commands
+from brainscan_cli.main import app as cli
+from tests.support.api import Api, make_api
+from tests.support.services import flushed_broker
 
 pytestmark = pytest.mark.integration
 

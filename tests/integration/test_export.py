@@ -5,22 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest_training import write_dataset
 from typer.testing import CliRunner
 
-from brainscan.cli import app
 from brainscan.imaging import prepare
 from brainscan.modelrepo import ModelCard
 from brainscan.runtime import load_scorer
+from brainscan_cli.main import app
+from tests.support.training import write_dataset
 
 pytestmark = [pytest.mark.integration]
 runner = CliRunner()

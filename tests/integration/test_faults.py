@@ -24,20 +24,18 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_api, start_worker, wait_for
-from faultkit import (
-    RedisServer,
-    TcpProxy,
-    build_poison_model,
-    fresh_postgres,
-    make_key,
-    pg_reachable,
-    start_beat,
-)
 from PIL import Image
 from sqlalchemy import func, select
 
 from brainscan.db import Item, Job, session_scope
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.faults import RedisServer, TcpProxy
+from tests.support.images import make_jpeg
+from tests.support.models import build_poison_model
+from tests.support.processes import Service, start_api, start_beat, start_worker
+from tests.support.records import create_job, job_finished, make_key
+from tests.support.services import fresh_postgres, pg_reachable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -370,8 +368,8 @@ def test_embedded_redis_keeps_queued_messages_across_a_restart(direct: Backend, 
     """``brainscan up`` runs Redis with an append-only file: a restart does not even need the reaper."""
     import redis
 
-    from brainscan.embedded import free_port, start_redis, stop_all
     from brainscan.queueing import enqueue_job
+    from brainscan_cli.embedded import free_port, start_redis, stop_all
 
     port, data_dir = free_port(), root / "embedded-redis"
     child, url = start_redis(data_dir, port=port, persist=True)  # exactly what `brainscan up` starts

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, job_finished, make_jpeg, wait_for
-from faultkit import PrivateStack, make_key, private_stack
 from PIL import Image
+
+from tests.support.environment import ROOT, wait_for
+from tests.support.faults import PrivateStack, private_stack
+from tests.support.images import make_jpeg
+from tests.support.records import job_finished, make_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -90,7 +93,7 @@ def test_revoked_key_is_refused_immediately_by_the_running_api(stack: PrivateSta
     headers = {"Authorization": f"Bearer {key}"}
     assert httpx.get(f"{stack.url}/v1/jobs", headers=headers, timeout=30).status_code == 200
     result = subprocess.run(
-        [sys.executable, "-m", "brainscan.cli", "keys", "revoke", name],
+        [sys.executable, "-m", "brainscan_cli.main", "keys", "revoke", name],
         env={**os.environ, **stack.backend.env()},
         cwd=ROOT,
         capture_output=True,

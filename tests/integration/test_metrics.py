@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest_api import Api, flushed_broker, make_api
 from prometheus_client.parser import text_string_to_metric_families
 
 from brainscan.db import Item, Job
+from tests.support.api import Api, make_api
+from tests.support.services import flushed_broker
 
 pytestmark = pytest.mark.integration
 

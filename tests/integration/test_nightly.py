@@ -13,13 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Backend, Service, job_finished, make_png, make_scans, make_zip, start_worker, wait_for
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from brainscan.auth import KEY_PREFIX
 from brainscan.db import ApiKey, Item, Job, session_scope
 from brainscan.modelrepo import promote
+from tests.support.archives import make_zip
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_png, make_scans
+from tests.support.processes import Service, start_worker
+from tests.support.records import job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +34,7 @@ MODEL = "nightly-model"
 @pytest.fixture(scope="module")
 def model_repo(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Per backend (see test_rollout.py): the re-score test promotes version 2.
-    from modelfactory import build_tiny_model
+    from tests.support.models import build_tiny_model
 
     model_dir = tmp_path_factory.mktemp("nightly-models")
     build_tiny_model(model_dir / MODEL / "1", name=MODEL, version="1", seed=1)
@@ -63,7 +68,7 @@ def items_of(backend: Backend, job_id: str) -> tuple[Job, list[Item]]:
 
 
 def test_inbox_files_become_jobs(nightly_backend: Backend, nightly_worker: Service) -> None:
-    from brainscan.cli import app
+    from brainscan_cli.main import app
 
     inbox = Path(nightly_backend.extra_env["BRAINSCAN_NIGHTLY_INBOX_DIR"])
     (inbox / "study.zip").write_bytes(make_zip(make_scans(4, prefix="study", seed=7)))
@@ -139,17 +144,3 @@ def test_rescore_with_a_newly_promoted_model(
     # Already re-scored: the next night adds nothing for these scans.
     with nightly_backend.active():
         assert run_nightly(rescore_days=1).rescore_jobs == []
-
-
-def test_nightly_cron_setting_is_parsed() -> None:
-    from brainscan.settings import Settings
-    from worker.celery import NIGHTLY_TASK, celery_config, parse_cron
-
-    default = celery_config(Settings())["beat_schedule"]["nightly-inbox"]
-    assert default["task"] == NIGHTLY_TASK
-    assert (default["schedule"].hour, default["schedule"].minute) == ({2}, {0})
-    weekdays = parse_cron("30 1 * * 1-5")
-    assert (weekdays.hour, weekdays.minute, weekdays.day_of_week) == ({1}, {30}, {1, 2, 3, 4, 5})
-    for bad in ("0 2 * *", "0 25 * * *", "every night"):
-        with pytest.raises(ValueError, match="BRAINSCAN_NIGHTLY_CRON"):
-            parse_cron(bad)

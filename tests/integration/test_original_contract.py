@@ -14,18 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Backend, create_job, make_jpeg, make_png
 from sqlalchemy import select
 
 from brainscan import CLASSES
 from brainscan.db import Item, Job, session_scope
+from tests.support.backends import Backend
+from tests.support.images import make_jpeg, make_png
+from tests.support.records import create_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def original_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from modelfactory import build_original_resnet50
+    from tests.support.models import build_original_resnet50
 
     model_dir = tmp_path_factory.mktemp("original-models")
     model = build_original_resnet50(model_dir / "original" / "1")

@@ -13,10 +13,14 @@ import base64
 import json
 
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, wait_for
 from sqlalchemy import select
 
 from brainscan.db import Item, Job, session_scope
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_jpeg
+from tests.support.processes import Service
+from tests.support.records import create_job, job_finished
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_worker, wait_for
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from brainscan import CLASSES
 from brainscan.db import Item, Job, session_scope
 from brainscan.modelrepo import promote, promoted
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_jpeg
+from tests.support.processes import Service, start_worker
+from tests.support.records import create_job, job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.integration
 def two_versions(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Depends on ``backend`` so that each backend gets a fresh repository: the first backend's test
     # promotes version 2, which the second must not inherit.
-    from modelfactory import build_tiny_model
+    from tests.support.models import build_tiny_model
 
     model_dir = tmp_path_factory.mktemp("rollout-models")
     build_tiny_model(model_dir / "tiny" / "1", version="1", seed=1)
@@ -81,7 +85,7 @@ def probabilities(items: list[Item]) -> np.ndarray:
 def test_promotion_reaches_a_running_worker(
     rollout_backend: Backend, rollout_worker: Service, two_versions: Path
 ) -> None:
-    from brainscan.cli import app
+    from brainscan_cli.main import app
 
     job, items = score_job(rollout_backend, 500)
     assert (job.model_name, job.model_version) == ("tiny", "1")

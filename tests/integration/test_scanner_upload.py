@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_zip
-from conftest_api import Api, flushed_broker, make_api
 from PIL import Image
-from scannerfactory import PATIENT, PATIENT_ID, make_dicom, make_nifti
+
+from tests.support.api import Api, make_api
+from tests.support.archives import make_zip
+from tests.support.scanners import PATIENT, PATIENT_ID, make_dicom, make_nifti
+from tests.support.services import flushed_broker
 
 pytestmark = pytest.mark.integration
 

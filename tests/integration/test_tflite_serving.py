@@ -9,19 +9,20 @@ process on the same preprocessed scans: one loader, one code path. SQLite + a re
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, start_worker, wait_for
 from sqlalchemy import select
 
 from brainscan import CLASSES
 from brainscan.db import Item, Job, session_scope
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_jpeg
+from tests.support.processes import Service, start_worker
+from tests.support.records import create_job, job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +30,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def int8_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with ``tiny/1``: SavedModel + card + ``model-int8.tflite`` recorded in the card."""
-    from conftest_training import write_dataset
-    from modelfactory import build_tiny_model
-
+    from tests.support.models import build_tiny_model
+    from tests.support.training import write_dataset
     from training.export import export_variants
 
     model_dir = tmp_path_factory.mktemp("int8-models")

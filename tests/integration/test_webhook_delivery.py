@@ -8,10 +8,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, wait_for
 from sqlalchemy import select, update
 
 from brainscan.db import Item, Job, session_scope
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_jpeg
+from tests.support.processes import Service
+from tests.support.records import create_job, job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +34,9 @@ class Receiver:
                 body = json.loads(self.rfile.read(length) or b"null")
                 with receiver.lock:
                     receiver.received.append((self.path, dict(self.headers), body))
-                self.send_response(204)
+                    tries = sum(1 for post in receiver.received if post[0] == self.path)
+                # A ".../flaky" receiver is down for its first POST: the worker must try again.
+                self.send_response(503 if self.path.endswith("/flaky") and tries == 1 else 204)
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:
@@ -108,3 +114,18 @@ def test_a_job_without_callback_sends_nothing(
     wait_for(lambda: job_finished(backend, silent), what="the job without callback")
     wait_for(lambda: receiver.posts_to("/hooks/marker2"), what="the marker job's webhook")
     assert [post[0] for post in receiver.received[before:]] == ["/hooks/marker2"]
+
+
+def test_a_failed_delivery_is_retried_with_the_same_delivery_id(
+    backend: Backend, worker_process: Service, receiver: Receiver
+) -> None:
+    from brainscan.queueing import enqueue_job
+
+    job_id = job_with_callback(backend, [("flaky.jpg", make_jpeg(402))], f"{receiver.url}/hooks/flaky")
+    with backend.active():
+        assert enqueue_job(job_id)
+    wait_for(lambda: len(receiver.posts_to("/hooks/flaky")) >= 2, what="the webhook's retry")
+    first, second = receiver.posts_to("/hooks/flaky")[:2]
+    # The retry is Celery's (a new run of the task), yet the same delivery for the receiver.
+    assert first[1]["X-Brainscan-Delivery"] == second[1]["X-Brainscan-Delivery"]
+    assert first[2] == second[2] and second[2]["job"]["id"] == job_id

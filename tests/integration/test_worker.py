@@ -10,11 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Backend, Service, create_job, job_finished, make_jpeg, make_png, wait_for
 from sqlalchemy import select, update
 
 from brainscan import CLASSES
 from brainscan.db import Item, ItemStatus, Job, JobStatus, session_scope, utcnow
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.images import make_jpeg, make_png
+from tests.support.processes import Service
+from tests.support.records import create_job, job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +62,8 @@ def test_scores_a_job_and_fails_bad_scans_alone(
     assert (job.model_name, job.model_version) == ("tiny", "1")
     assert job.started_at is not None and job.finished_at is not None
 
-    expected = local_engine.score_batch(np.stack([local_engine.prepare(data) for _, data in good]))
+    verdicts = local_engine.score_batch(np.stack([local_engine.prepare(data) for _, data in good]))
+    expected = [verdict.probabilities for verdict in verdicts]
     for item, probabilities in zip(items[:20], expected, strict=True):
         assert item.status == ItemStatus.succeeded.value, item.error
         got = np.array([item.probabilities[name] for name in CLASSES])

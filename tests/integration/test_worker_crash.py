@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Backend, create_job, job_finished, start_worker, wait_for
 from sqlalchemy import func, select
 
 from brainscan.db import Item, Job, session_scope
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.processes import start_worker
+from tests.support.records import create_job, job_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

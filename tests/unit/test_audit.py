@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,9 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from conftest_training import REAL_TRAINING, draw_scan, encode, needs_real_data, write_dataset
-
+from tests.support.training import REAL_TRAINING, draw_scan, encode, needs_real_data, write_dataset
 from training.audit import (
     NEAR_DUPLICATE_BITS,
     audit_folder,

@@ -18,12 +18,12 @@ from sqlalchemy import select
 from brainscan.db import Base, Item, Job, make_engine
 from brainscan.intake import (
     IntakeLimits,
-    create_job,
     expand_uploads,
     sanitize_filename,
     sniff,
     submit_job,
 )
+from brainscan.jobs import create_job
 from brainscan.storage import ScanStore
 
 LIMITS = IntakeLimits(
@@ -347,7 +347,16 @@ def test_create_and_submit_job(store: ScanStore, tmp_path: Path, monkeypatch: py
     upload = tmp_path / "u"
     upload.write_bytes(zip_bytes({"a.jpg": image_bytes(), "b.txt": b"text"}))
     with Session(engine) as session:
-        result = submit_job(session, store, LIMITS, None, [(upload, "s.zip")], callback_url="http://x/y")
+        result = submit_job(
+            session,
+            store,
+            LIMITS,
+            None,
+            [(upload, "s.zip")],
+            callback_url="http://x/y",
+            enqueue=stub.enqueue_job,
+            notify=lambda job_ids: None,  # not final at submit: no webhook yet
+        )
         assert result.enqueued is False and enqueued == [result.job.id]
     with Session(engine) as session:
         job = session.get(Job, result.job.id)

@@ -1,4 +1,5 @@
-"""Small real SavedModels for tests: built with Keras, exported with ``model.export``, plus a card.
+"""Small real SavedModels for tests: built with Keras, exported with ``model.export``, plus a card;
+and a model that refuses one kind of scan (a poison item for the fault tests).
 
 Imported lazily by fixtures (TensorFlow is slow to import); every model is deterministic (seeded).
 """
@@ -71,3 +72,47 @@ def build_original_resnet50(folder: Path, seed: int = 0):  # type: ignore[no-unt
     folder.parent.mkdir(parents=True, exist_ok=True)
     model.export(str(folder), verbose=False)
     return model
+
+
+# ---- a model that refuses one kind of scan -----------------------------------------------------
+POISON_MEAN = 250.0
+
+
+def build_poison_model(folder: Path, size: int = 32) -> Path:
+    """A SavedModel whose serving call raises when any image in the batch is (almost) all white.
+
+    That is a scan that "crashes the model call" every time it is scored, in any batch, while every
+    other scan scores normally: a poison item, built from real TensorFlow ops.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    class Poisonable(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.weights = tf.Variable(rng.normal(size=(3, 4)).astype(np.float32) / 100.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="keras_tensor")])
+        def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+            means = tf.reduce_mean(images, axis=[1, 2, 3])
+            check = tf.debugging.assert_less(
+                means, tf.constant(POISON_MEAN), message="poison scan: the model refuses it"
+            )
+            with tf.control_dependencies([check]):
+                features = tf.reduce_mean(images, axis=[1, 2])
+                return {"output_0": tf.nn.softmax(tf.matmul(features, self.weights))}
+
+    module = Poisonable()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(folder), signatures={"serve": module.serve})
+    ModelCard(
+        name="poisonable",
+        version="1",
+        input_size=(size, size),
+        channels=3,
+        preprocessing="none",
+        architecture="test: refuses all-white scans",
+        metrics={"note": "tests only"},
+    ).write(folder)
+    return folder

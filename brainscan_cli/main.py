@@ -1,4 +1,4 @@
-"""The ``brainscan`` command. Each group of commands lives in ``brainscan/commands/``.
+"""The ``brainscan`` command. Each group of commands lives in ``brainscan_cli/commands/``.
 
 Heavy imports (TensorFlow, FastAPI, Celery) happen inside the commands, so ``brainscan --help``
 and the client commands start fast.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from brainscan.commands import client, models, nightly, service, train
+from brainscan_cli.commands import client, models, nightly, service, train
 
 app = typer.Typer(
     name="brainscan",

@@ -1,5 +1,5 @@
-"""Tools for fault tests on real processes: a restartable Redis, a cuttable TCP proxy, a fresh
-PostgreSQL database, the API and beat as processes, and a poison model.
+"""Tools for fault tests on real processes: a restartable Redis, a cuttable TCP proxy, and a whole
+private stack (Redis, a fresh PostgreSQL database, the API and a worker as processes).
 
 Imported by tests/integration/test_faults.py, test_hostile_scans.py and test_log_hygiene.py.
 Nothing here is shared with other test modules' processes: each test module gets its own Redis
@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
-import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from conftest import PG_ADMIN_URL, Backend, Service, spawn_service, start_api, start_worker, wait_for
 
-from brainscan.embedded import Child, find_redis_server, free_port, spawn
 from brainscan.queueing import redis_ping
+from brainscan_cli.embedded import Child, find_redis_server, free_port, spawn
+from tests.support.backends import Backend
+from tests.support.environment import wait_for
+from tests.support.processes import Service, start_api, start_worker
+from tests.support.records import make_key
+from tests.support.services import fresh_postgres, pg_reachable
 
 
 # ---- Redis that can be stopped and started on the same port ------------------------------------
@@ -129,56 +130,6 @@ class TcpProxy:
         self.thread.join(5)
 
 
-# ---- a fresh PostgreSQL database per module --------------------------------------------------
-@contextlib.contextmanager
-def fresh_postgres() -> Iterator[str]:
-    """A new, migrated database on the local PostgreSQL; dropped afterwards."""
-    from sqlalchemy import create_engine, text
-
-    from brainscan.db import get_engine
-    from brainscan.migrate import upgrade
-
-    name = f"brainscan_fault_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine.cache_clear()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def pg_reachable() -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", 5432)) == 0
-
-
-# ---- API and beat processes ------------------------------------------------------------------
-def start_beat(backend: Backend, log_dir: Path, **env: str) -> Service:
-    return spawn_service(
-        "beat",
-        [sys.executable, "-m", "brainscan.cli", "beat", "--loglevel", "INFO"],
-        backend.env(**env),
-        log_dir,
-    )
-
-
-def make_key(backend: Backend, name: str = "") -> tuple[int, str]:
-    from brainscan import auth
-    from brainscan.db import session_scope
-
-    with backend.active(), session_scope() as session:
-        key, plaintext = auth.create_key(session, name or f"fault-{uuid.uuid4().hex[:6]}")
-        session.flush()
-        return key.id, plaintext
-
-
 # ---- a whole private stack for one test module ---------------------------------------------------
 class PrivateStack(NamedTuple):
     backend: Backend
@@ -209,49 +160,3 @@ def private_stack(root: Path, model_dir: Path) -> Iterator[PrivateStack]:
                 api.stop()
     finally:
         redis.stop()
-
-
-# ---- a model that refuses one kind of scan -----------------------------------------------------
-POISON_MEAN = 250.0
-
-
-def build_poison_model(folder: Path, size: int = 32) -> Path:
-    """A SavedModel whose serving call raises when any image in the batch is (almost) all white.
-
-    That is a scan that "crashes the model call" every time it is scored, in any batch, while every
-    other scan scores normally: a poison item, built from real TensorFlow ops.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    from brainscan.modelrepo import ModelCard
-
-    class Poisonable(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            rng = np.random.default_rng(0)
-            self.weights = tf.Variable(rng.normal(size=(3, 4)).astype(np.float32) / 100.0)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="keras_tensor")])
-        def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-            means = tf.reduce_mean(images, axis=[1, 2, 3])
-            check = tf.debugging.assert_less(
-                means, tf.constant(POISON_MEAN), message="poison scan: the model refuses it"
-            )
-            with tf.control_dependencies([check]):
-                features = tf.reduce_mean(images, axis=[1, 2])
-                return {"output_0": tf.nn.softmax(tf.matmul(features, self.weights))}
-
-    module = Poisonable()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tf.saved_model.save(module, str(folder), signatures={"serve": module.serve})
-    ModelCard(
-        name="poisonable",
-        version="1",
-        input_size=(size, size),
-        channels=3,
-        preprocessing="none",
-        architecture="test: refuses all-white scans",
-        metrics={"note": "tests only"},
-    ).write(folder)
-    return folder

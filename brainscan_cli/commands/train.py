@@ -192,10 +192,20 @@ def evaluate_command(
         None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode without reading or writing a cache."),
+    ood: Path | None = typer.Option(
+        None,
+        "--ood",
+        exists=True,
+        file_okay=False,
+        help="Images the model is not for (sub-folders = families): adds the scope detector's AUROC "
+        "against DATA and the share flagged.",
+    ),
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix of a model on DATA.
 
-    Scans are decoded by the serving code and scored by the workers' loader (brainscan.runtime).
+    Scans are decoded by the serving code and scored by the workers' loader (brainscan.runtime),
+    flags and calibrated probabilities included: ECE and NLL before/after the model's temperature,
+    the shares flagged, and the accuracy of the unflagged scans.
     """
     from brainscan.modelrepo import ModelNotFound
 
@@ -218,6 +228,7 @@ def evaluate_command(
     metrics = evaluate_scorer(scorer, scans.pixels, scans.labels, card.preprocessing, batch_size)
     typer.echo(f"{card.name}/{card.version} ({scorer.variant}, {ref.path}) on {data}: {metrics['n']} scans\n")
     typer.echo(classification_report(metrics))
+    _evaluate_trust(scorer, data, scans, metrics, ood, batch_size)
     if card.data_fingerprint and card.data_fingerprint == scans.fingerprint:
         typer.echo(
             "note: this is the folder the model was trained on (same data fingerprint): these figures "
@@ -225,21 +236,56 @@ def evaluate_command(
             err=True,
         )
     if json_out:
-        report = {
-            **metrics,
-            "model": {
-                "name": card.name,
-                "version": card.version,
-                "path": str(ref.path),
-                "format": scorer.variant,
-            },
-            "data": str(data),
-            "data_fingerprint": scans.fingerprint,
-            "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
-        typer.echo(f"wrote {json_out}")
+        _write_evaluation(json_out, metrics, scorer, ref.path, data, scans.fingerprint)
+
+
+def _evaluate_trust(
+    scorer: Any, data: Path, scans: Any, metrics: dict[str, Any], ood: Path | None, batch_size: int
+) -> None:
+    """Flags and calibration, as the workers serve them (and the OOD folder's AUROC): printed, kept."""
+    from training.evaluate import evaluate_ood, flag_metrics, folder_findings, judge_pixels
+
+    card = scorer.card
+    findings = folder_findings(scorer, data, scans.paths)
+    verdicts, raw = judge_pixels(scorer, scans.pixels, card.preprocessing, findings, batch_size)
+    metrics["trust"] = flag_metrics(verdicts, raw, scans.labels)
+    trust = metrics["trust"]
+    typer.echo(
+        f"calibration: ECE {trust['ece_before']:.4f} -> {trust['ece_after']:.4f}, NLL "
+        f"{trust['nll_before']:.4f} -> {trust['nll_after']:.4f} (temperature {scorer.trust.temperature:.3f})"
+    )
+    typer.echo(
+        f"flags: out_of_scope {trust['out_of_scope_share']:.2%}, uncertain {trust['uncertain_share']:.2%}, "
+        f"unflagged {trust['unflagged_share']:.2%} at accuracy {trust['unflagged_accuracy'] or 0:.4f}"
+    )
+    if ood is not None:
+        metrics["ood"] = evaluate_ood(scorer, verdicts, ood, batch_size)
+        for family, row in [*metrics["ood"]["families"].items(), ("all", metrics["ood"]["overall"])]:
+            typer.echo(
+                f"ood {family}: {row['n']} images, flagged or refused {row['flagged_or_refused_share']:.2%}, "
+                f"AUROC {row['auroc'] or 0:.4f} (max-softmax {row['auroc_max_softmax'] or 0:.4f})"
+            )
+
+
+def _write_evaluation(
+    json_out: Path, metrics: dict[str, Any], scorer: Any, model_path: Path, data: Path, fingerprint: str
+) -> None:
+    card = scorer.card
+    report = {
+        **metrics,
+        "model": {
+            "name": card.name,
+            "version": card.version,
+            "path": str(model_path),
+            "format": scorer.variant,
+        },
+        "data": str(data),
+        "data_fingerprint": fingerprint,
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(f"wrote {json_out}")
 
 
 def export_command(
@@ -310,6 +356,37 @@ def export_command(
         typer.echo("  (no --tflite/--int8: nothing else written)")
 
 
+def calibrate_command(
+    model: Path = typer.Option(
+        ..., "--model", help="Model folder: models/<name>/<version>.", exists=True, file_okay=False
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        exists=True,
+        file_okay=False,
+        help="The folder the model was trained on: its training split fits the detector, its "
+        "validation split (reports/split.json) the thresholds and temperature.",
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache."
+    ),
+) -> None:
+    """Fit MODEL's scope detector, temperature and flag thresholds; write trust.npz and the card."""
+    from brainscan.modelrepo import ModelNotFound
+
+    _quiet_tensorflow()
+    from training.calibrate import calibrate_model, describe
+
+    try:
+        card = calibrate_model(model, data, cache_dir or get_settings().var_dir / "cache")
+    except (ModelNotFound, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{card.name}/{card.version}: calibrated ({model}/model.json, reports/reliability.png)")
+    for line in describe(card):
+        typer.echo(f"  {line}")
+
+
 def audit_command(
     folder: Path = typer.Argument(
         ..., exists=True, file_okay=False, help="Folder of images (<class>/ subfolders)."
@@ -354,4 +431,5 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("export")(export_command)
+    app.command("calibrate")(calibrate_command)
     app.command("audit")(audit_command)

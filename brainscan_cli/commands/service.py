@@ -10,6 +10,7 @@ import os
 
 import typer
 
+from brainscan.queue_contract import WORKER_QUEUES
 from brainscan.settings import get_settings
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
@@ -18,8 +19,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Create or migrate the database schema to REVISION (default: the newest)."""
-    from brainscan.embedded import _display_url
     from brainscan.migrate import current, upgrade
+    from brainscan_cli.embedded import _display_url
 
     url = get_settings().resolved_database_url
     upgrade(url, revision)
@@ -31,7 +32,7 @@ def db_current() -> None:
     """Print the schema revision the database is at."""
     from brainscan.migrate import current
 
-    typer.echo(current() or "empty (run `brainscan db upgrade`)")
+    typer.echo(current(get_settings().resolved_database_url) or "empty (run `brainscan db upgrade`)")
 
 
 def api(
@@ -62,8 +63,8 @@ def worker(
         1, min=1, help="Scoring processes. 1 = solo pool (one model, this process); N = prefork children."
     ),
     queues: str = typer.Option(
-        # Scoring, then Grad-CAM + nightly, then webhooks (worker/celery.py WORKER_QUEUES).
-        "brainscan,brainscan.aux,brainscan.notify",
+        # Scoring, then Grad-CAM + nightly, then webhooks.
+        ",".join(WORKER_QUEUES),
         "--queues",
         "-Q",
         help="Comma-separated queues to consume.",
@@ -103,7 +104,7 @@ def up(
     workers: int = typer.Option(1, min=1, help="Worker processes to start."),
 ) -> None:
     """Start the embedded stack: Redis, SQLite, API, worker(s), beat. Ctrl-C stops everything."""
-    from brainscan.embedded import StackError, run_forever, start_stack, wait_for_workers
+    from brainscan_cli.embedded import StackError, run_forever, start_stack, wait_for_workers
 
     settings = get_settings()
     try:

@@ -1,4 +1,4 @@
-"""Generated scan folders for the training-side tests (imported explicitly, not a pytest conftest).
+"""Generated scan folders for the training-side tests.
 
 ``write_dataset`` draws tiny "scans": a head-like ellipse with a smooth random texture on a black
 border, plus a class-dependent mark (glioma: a bright blob on one side, meningioma: a bright arc at
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from brainscan import CLASSES
+from tests.support.environment import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 REAL_TRAINING = Path(
     os.environ.get("BRAINSCAN_TEST_DATA", ROOT.parent / "shared" / "data" / "brain-tumor-mri" / "Training")
 )

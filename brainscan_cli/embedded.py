@@ -241,7 +241,7 @@ def start_stack(settings: Settings, workers: int = 1, echo: Callable[[str], None
         upgrade(database_url)
         echo(f"database  {_display_url(database_url)} (migrated)")
         stack.key = ensure_dev_key(settings)
-        cli = [sys.executable, "-m", "brainscan.cli"]
+        cli = [sys.executable, "-m", "brainscan_cli.main"]
         stack.children.append(spawn("api", [*cli, "api"], env, logs / "api.log"))
         for index in range(workers):
             stack.children.append(
@@ -261,17 +261,11 @@ def start_stack(settings: Settings, workers: int = 1, echo: Callable[[str], None
 
 
 def wait_for_workers(stack: Stack, count: int, timeout_s: float = 180.0) -> None:
-    from brainscan.queueing import HEARTBEAT_PREFIX
+    from brainscan.queueing import count_heartbeats
 
     def ready() -> bool:
         try:
-            import redis
-
-            client = redis.Redis.from_url(stack.env["BRAINSCAN_BROKER_URL"], socket_connect_timeout=1)
-            try:
-                return sum(1 for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*")) >= count
-            finally:
-                client.close()
+            return count_heartbeats(stack.env["BRAINSCAN_BROKER_URL"], timeout=1.0) >= count
         except Exception:
             return False
 

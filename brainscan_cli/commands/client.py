@@ -134,7 +134,7 @@ def print_job(job: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(title=f"job {job['id']} - {job['status']}", show_lines=False)
-    for column in ("#", "file", "status", "label", "confidence", "error"):
+    for column in ("position", "file", "status", "label", "confidence", "error"):
         table.add_column(column, overflow="fold")
     for item in job["items"]:
         confidence = f"{item['confidence']:.3f}" if item["confidence"] is not None else ""

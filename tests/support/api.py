@@ -1,9 +1,9 @@
-"""Fixtures for the API tests: the app over a real database and a real Redis broker.
+"""The app over a real database and a real Redis broker, in process (``fastapi.testclient``).
 
-The databases come from tests/conftest.py (``sqlite_url``, ``postgres_url``: fresh and migrated
-with Alembic per test session); the broker is the local Redis on its own db number, so messages
-these tests publish never reach the worker processes other tests start.
-Imported by tests/integration/test_api.py.
+The databases come from the ``sqlite_url`` / ``postgres_url`` fixtures (fresh and migrated with
+Alembic per test session); the broker is the local Redis on a db number of the caller's
+(``tests.support.services.flushed_broker``), so messages these tests publish never reach the worker
+processes other tests start.
 """
 
 from __future__ import annotations
@@ -18,26 +18,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from brainscan.auth import create_key
-from brainscan.db import get_engine
+from brainscan.db import default_engine
 from brainscan.settings import Settings, get_settings
 from brainscan.storage import ScanStore
-
-REDIS_URL = "redis://127.0.0.1:6379/12"  # our own db number: flushed by these tests
-
-
-def flushed_broker(url: str = REDIS_URL) -> Iterator[str]:
-    """The local Redis on our db number, flushed before and after (skips if unreachable)."""
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except Exception as exc:
-        pytest.skip(f"Redis at {url} unreachable: {exc}")
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 @dataclass
@@ -90,7 +73,7 @@ def make_api(
 def _reset_cached_globals() -> None:
     # Settings and the default engine (used by brainscan.queueing) are cached per process.
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    default_engine.cache_clear()
 
 
 def _use_test_broker(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
