@@ -1,4 +1,5 @@
-"""Request dependencies: settings, a database session, the scan store, the publisher, the caller.
+"""Request dependencies: settings, a database session, the scan store, the publisher, the caller
+(and, for a submit, the caller within its daily quotas: ``SubmitterDep``).
 
 Each is built once in ``api.app.create_app(settings)`` and reached here through ``app.state``; routes
 name them by their ``Annotated`` aliases (``SessionDep``, ``CallerDep``, ...).
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from brainscan.auth import authenticate
 from brainscan.db import ApiKey
 from brainscan.queueing import Publisher
+from brainscan.quotas import quota_exceeded
 from brainscan.settings import Settings
 from brainscan.storage import ScanStore
 
@@ -65,3 +67,24 @@ def authenticated_caller(
 
 
 CallerDep = Annotated[ApiKey, Depends(authenticated_caller)]
+
+
+def submitting_caller(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> ApiKey:
+    """The caller of a submit, checked against its daily quotas before anything is read or stored."""
+    exceeded = quota_exceeded(
+        session,
+        caller.id,
+        scans_per_day=settings.quota_scans_per_day,
+        bytes_per_day=settings.quota_bytes_per_day,
+    )
+    session.commit()  # end the read transaction
+    if exceeded is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"{exceeded.reason}; nothing was stored",
+            headers={"Retry-After": str(exceeded.retry_after_s)},
+        )
+    return caller
+
+
+SubmitterDep = Annotated[ApiKey, Depends(submitting_caller)]

@@ -3,14 +3,19 @@
 Starlette's ``request.form()`` has no cap on the body and keeps small parts in memory; here the raw
 body is counted as it arrives (the ``Content-Length`` header is checked first, but not trusted), each
 file part goes straight to a temporary file under the store's ``tmp/`` folder, and anything that is
-not well-formed multipart is a :class:`MalformedUpload` (400), never a 500.
+not well-formed multipart is a :class:`MalformedUpload` (400), never a 500. Error texts are fixed:
+they never repeat a byte of the body (python-multipart's messages quote them). A body that stalls
+(``idle_timeout_s`` without a byte) or takes longer than ``timeout_s`` in all is an
+:class:`UploadTimeout` (408), so a slow client cannot hold a spool file and a connection for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -22,10 +27,19 @@ from starlette.requests import ClientDisconnect, Request
 
 FILE_FIELD = "files"
 MAX_FIELD_BYTES = 8 * 1024  # a plain form field (callback_url) is short
+MAX_FIELDS = 16  # plain form fields per request: the API reads two
 MAX_HEADER_BYTES = 16 * 1024  # per part; a 10 KB file name still fits
 
 
 class UploadTooLarge(Exception):
+    pass
+
+
+class TooManyFiles(Exception):
+    pass
+
+
+class UploadTimeout(Exception):
     pass
 
 
@@ -53,11 +67,11 @@ class SpooledForm:
 class _Spooler:
     """python-multipart callbacks that write file parts to disk and keep short fields."""
 
-    def __init__(self, tmp_dir: Path, max_parts: int) -> None:
+    def __init__(self, tmp_dir: Path, max_files: int) -> None:
         self.tmp_dir = tmp_dir
-        self.max_parts = max_parts
+        self.max_files = max_files
         self.form = SpooledForm()
-        self.parts = 0
+        self.fields = 0
         self.ended = False
         self._header_field = bytearray()
         self._header_value = bytearray()
@@ -81,9 +95,6 @@ class _Spooler:
         }
 
     def on_part_begin(self) -> None:
-        self.parts += 1
-        if self.parts > self.max_parts:
-            raise UploadTooLarge(f"more than {self.max_parts} parts in one request")
         self._headers = {}
         self._header_bytes = 0
         self._field_name = None
@@ -115,11 +126,16 @@ class _Spooler:
             if name != FILE_FIELD:
                 self._field_name = None  # a file under another field name: read and dropped
                 return
+            if len(self.form.files) >= self.max_files:  # files only: form fields have their own cap
+                raise TooManyFiles(f"more than {self.max_files} files in one request")
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-")
             self._out = os.fdopen(fd, "wb")
             self._current = SpooledFile(filename=options.get(b"filename"), path=Path(tmp))
             self.form.files.append(self._current)
         else:
+            self.fields += 1
+            if self.fields > MAX_FIELDS:
+                raise MalformedUpload(f"more than {MAX_FIELDS} form fields")
             self._field_name = name
             self._field_value.clear()
 
@@ -130,7 +146,7 @@ class _Spooler:
         elif self._field_name is not None:
             self._field_value.extend(data[start:end])
             if len(self._field_value) > MAX_FIELD_BYTES:
-                raise MalformedUpload(f"form field {self._field_name!r} longer than {MAX_FIELD_BYTES} bytes")
+                raise MalformedUpload(f"a form field is longer than {MAX_FIELD_BYTES} bytes")
 
     def on_part_end(self) -> None:
         if self._out is not None:
@@ -159,8 +175,20 @@ def boundary_of(content_type: str | None) -> bytes:
     return boundary
 
 
-async def spool_multipart(request: Request, tmp_dir: Path, max_bytes: int, max_parts: int) -> SpooledForm:
-    """Read the request body as it streams; on any error nothing is left on disk."""
+async def spool_multipart(
+    request: Request,
+    tmp_dir: Path,
+    max_bytes: int,
+    max_files: int,
+    *,
+    timeout_s: float = 600.0,
+    idle_timeout_s: float = 30.0,
+) -> SpooledForm:
+    """Read the request body as it streams; on any error nothing is left on disk.
+
+    At most ``max_files`` file parts (plain form fields: ``MAX_FIELDS``), ``max_bytes`` in all,
+    ``timeout_s`` for the whole body and ``idle_timeout_s`` between two chunks of it.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -170,21 +198,21 @@ async def spool_multipart(request: Request, tmp_dir: Path, max_bytes: int, max_p
             raise MalformedUpload("invalid Content-Length header") from None
     boundary = boundary_of(request.headers.get("content-type"))
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    spooler = _Spooler(tmp_dir, max_parts)
+    spooler = _Spooler(tmp_dir, max_files)
     try:
         try:
             parser = MultipartParser(boundary, spooler.callbacks(), max_header_size=MAX_HEADER_BYTES)
-        except (FormParserError, ValueError) as exc:
-            raise MalformedUpload(f"bad multipart boundary: {exc}") from None
+        except (FormParserError, ValueError):
+            raise MalformedUpload("bad multipart boundary") from None
         received = 0
-        async for chunk in request.stream():
+        async for chunk in _timed(request.stream(), timeout_s, idle_timeout_s):
             received += len(chunk)
             if received > max_bytes:
                 raise UploadTooLarge(f"request body over {max_bytes} bytes")
             if chunk:
                 # Parsing and writing to disk happen off the event loop.
                 await run_in_threadpool(_feed, parser, chunk)
-        parser.finalize()
+        _finalize(parser)
         if not spooler.ended or parser.state != MultipartState.END:
             raise MalformedUpload("multipart body ended before its closing boundary")
         return spooler.form
@@ -200,8 +228,42 @@ async def spool_multipart(request: Request, tmp_dir: Path, max_bytes: int, max_p
         spooler.close()
 
 
+async def _timed(
+    chunks: AsyncIterator[bytes], timeout_s: float, idle_timeout_s: float
+) -> AsyncIterator[bytes]:
+    """``chunks``, or UploadTimeout once a chunk takes longer than ``idle_timeout_s`` to arrive or
+    the whole body longer than ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    iterator = aiter(chunks)
+    while True:
+        wait = min(idle_timeout_s, deadline - loop.time())
+        if wait <= 0:
+            raise UploadTimeout
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), wait)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadTimeout from None
+        yield chunk
+
+
+def _finalize(parser: MultipartParser) -> None:
+    try:
+        parser.finalize()
+    except (FormParserError, ValueError):
+        raise MalformedUpload("malformed multipart body") from None
+
+
 def _feed(parser: MultipartParser, chunk: bytes) -> None:
     try:
         parser.write(chunk)
     except (FormParserError, ValueError) as exc:
-        raise MalformedUpload(f"malformed multipart body: {exc}") from None
+        # Fixed texts: python-multipart's messages may quote bytes of the body.
+        text = str(exc)
+        if text.startswith("Maximum header size"):
+            raise MalformedUpload("part headers too long") from None
+        if text.startswith("Maximum header count"):
+            raise MalformedUpload("too many part headers") from None
+        raise MalformedUpload("malformed multipart body") from None

@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # naive.py, soak.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loopback.py, naive.py, soak.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from loopback import is_loopback  # noqa: E402
 from naive import sample_scans, scan_source  # noqa: E402
 
 
@@ -41,21 +40,11 @@ def log(message: str) -> None:
     print(f"[api {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def start_embedded(var_dir: Path, workers: int):  # type: ignore[no-untyped-def]
     from soak import build_tiny_model
 
-    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
     from brainscan.settings import Settings, get_settings
+    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
 
     model = build_tiny_model(var_dir.parent / "models" / "tiny" / "1")
     for key in [k for k in os.environ if k.startswith("BRAINSCAN_")]:

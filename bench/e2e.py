@@ -1,7 +1,8 @@
 """End to end: a 1,000-scan archive through the HTTP API, against the model-only and naive figures.
 
     .venv/bin/python bench/e2e.py                              # own embedded stack, ResNet50 architecture
-    .venv/bin/python bench/e2e.py --model models/brainscan-compact/2
+    .venv/bin/python bench/e2e.py --model models/brainscan-compact/3 --format savedmodel   # fp32
+    .venv/bin/python bench/e2e.py --model models/brainscan-compact/3 --format tflite-int8  # its int8 file
     .venv/bin/python bench/e2e.py --format tflite-int8         # the int8 variant (exported here if missing)
     .venv/bin/python bench/e2e.py --workers 2 --tf-threads 1   # two processes with one core each
     .venv/bin/python bench/e2e.py --url http://127.0.0.1:8000 --key bs_... --model DIR
@@ -21,6 +22,12 @@ One run measures, on one machine:
    per second; a single's time-to-result is its item's ``finished_at`` (stamped by the worker in
    the transaction that makes it final) minus the moment its POST started. Polling only tells when
    to stop, so the probe does not load the API (server and client must share a clock: same machine).
+4. where phase A's time went: upload, intake, first/last result, queue wait and decode from the items'
+   timings; decode wait, model and database per scan from the worker's ``batch_scored`` log lines;
+   CPU seconds of each stack process and of this client (``psutil``).
+
+Without ``--format`` the stack and the model-only figure serve what the workers' rule picks
+(``brainscan/variants.py``: int8 where the CPU has VNNI/AMX and the card shows it within 0.3 points).
 
 With no arguments it starts its own stack serving the ResNet50 architecture (random weights: the
 cost is the trained model's) for both the end-to-end and the model-side figures. Goals (issue 4):
@@ -101,8 +108,9 @@ def prepare_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
 
 def model_only_sps(
     path: Path, model_format: str, threads: int, batch_size: int, scans: list[bytes], seconds: float
-) -> float:
-    """Scans/s of the served variant alone, at the workers' batch size, on real preprocessed input."""
+) -> tuple[float, str]:
+    """(scans/s, variant) of the served variant alone (the workers' rule picks it when ``model_format``
+    is empty), at the workers' batch size, on real preprocessed input."""
     from model import measure
 
     from brainscan.imaging import prepare
@@ -114,13 +122,13 @@ def model_only_sps(
     inputs = np.stack([prepare(data, scorer.card.input_spec) for data in scans[:batch_size]])
     while len(inputs) < batch_size:  # fewer scans than a batch (--quick): repeat them
         inputs = np.concatenate([inputs, inputs])[:batch_size]
-    return measure(scorer.predict, inputs, seconds)
+    return measure(scorer.predict, inputs, seconds), scorer.variant
 
 
 # ---- the stack ---------------------------------------------------------------------------------
 def start_embedded(var_dir: Path, model_path: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
     from brainscan.settings import Settings, get_settings
+    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
 
     for key in [k for k in os.environ if k.startswith("BRAINSCAN_")]:
         del os.environ[key]  # the embedded defaults, whatever the caller's shell holds
@@ -131,7 +139,9 @@ def start_embedded(var_dir: Path, model_path: Path, args: argparse.Namespace):  
         BRAINSCAN_BATCH_SIZE=str(args.batch_size),
         BRAINSCAN_TF_THREADS=str(args.tf_threads),
         BRAINSCAN_MODEL_FORMAT=args.format,
-        BRAINSCAN_LOG_LEVEL="WARNING",  # a log line per batch is noise here
+        # INFO: the worker's one line per model batch (decode wait, model, write times) feeds the
+        # stage breakdown; it goes to the stack's log files, not to this console.
+        BRAINSCAN_LOG_LEVEL="INFO",
     )
     if args.max_batch_wait_ms is not None:
         os.environ["BRAINSCAN_MAX_BATCH_WAIT_MS"] = str(args.max_batch_wait_ms)
@@ -192,12 +202,119 @@ def archive(scans: list[tuple[str, bytes]], prefix: str) -> bytes:
     return out.getvalue()
 
 
-def run_archive(api: Api, data: bytes, name: str, timeout_s: float) -> tuple[float, float, dict]:
-    """(wall seconds from upload start to the last result, seconds the POST took, job)."""
+def run_archive(api: Api, data: bytes, name: str, timeout_s: float) -> tuple[float, float, float, dict]:
+    """(wall seconds from upload start to the last result, seconds the POST took, start, job)."""
     job_id, started = api.submit([(name, data, "application/zip")])
     posted = time.time() - started
     job = api.wait(job_id, timeout_s)
-    return stamp(job["finished_at"]) - started, posted, job
+    return stamp(job["finished_at"]) - started, posted, started, job
+
+
+# ---- where the time goes ------------------------------------------------------------------------
+class CpuMeter:
+    """CPU seconds (user + system) of the stack's processes and of this client, between two reads."""
+
+    def __init__(self, stack) -> None:  # type: ignore[no-untyped-def]
+        import psutil
+
+        self.processes = {"client": psutil.Process()}
+        for child in stack.children if stack is not None else []:
+            self.processes[child.name] = psutil.Process(child.process.pid)
+        self.start = self.read()
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        used = {}
+        for name, process in self.processes.items():
+            try:
+                # The stack's processes with their own children; the client alone (the stack's
+                # processes are its children too).
+                tree = [process] if name == "client" else [process, *process.children(recursive=True)]
+                used[name] = sum(sum(p.cpu_times()[:2]) for p in tree)
+            except psutil.Error:
+                used[name] = float("nan")
+        return used
+
+    def since_start(self) -> dict[str, float]:
+        end = self.read()
+        return {name: end[name] - self.start[name] for name in end}
+
+
+def job_items(api: Api, job_id: str, total: int) -> list[dict]:
+    items: list[dict] = []
+    while len(items) < total:
+        page = api.client.get(f"/v1/jobs/{job_id}", params={"offset": len(items), "limit": 1000})
+        page.raise_for_status()
+        batch = page.json()["items"]
+        if not batch:
+            break
+        items.extend(batch)
+    return items
+
+
+def worker_batches(var_dir: Path, job_id: str) -> list[dict]:
+    """The workers' ``batch_scored`` log lines (JSON) of one job's batches."""
+    import json
+
+    lines = []
+    for path in sorted((var_dir / "logs").glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"batch_scored"' not in line or job_id not in line:
+                continue
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines
+
+
+def stage_report(
+    started: float, posted: float, job: dict, items: list[dict], batches: list[dict], cpu: dict[str, float]
+) -> list[str]:
+    """Where one archive's time went: wall-clock stages from the items' timings, per-scan worker
+    stages from the batch log lines, CPU seconds per process."""
+    created = stamp(job["created_at"]) - started
+    stored = [stamp(i["timings"]["created_at"]) - started for i in items]
+    enqueued = [stamp(i["timings"]["enqueued_at"]) - started for i in items if i["timings"]["enqueued_at"]]
+    began = [stamp(i["timings"]["started_at"]) for i in items if i["timings"]["started_at"]]
+    finished = [stamp(i["timings"]["finished_at"]) - started for i in items if i["timings"]["finished_at"]]
+    waits = [
+        (stamp(i["timings"]["started_at"]) - stamp(i["timings"]["enqueued_at"])) * 1000.0
+        for i in items
+        if i["timings"]["started_at"] and i["timings"]["enqueued_at"]
+    ]
+    decode = [i["timings"]["preprocess_ms"] for i in items if i["timings"]["preprocess_ms"] is not None]
+    n = max(len(items), 1)
+    lines = [
+        f"upload        {created:6.2f} s  POST start -> job created (body spooled, first chunk stored)",
+        f"intake        {max(stored) - created if stored else 0.0:6.2f} s  job created -> last chunk "
+        f"committed; POST answered at {posted:.2f} s",
+        f"first result  {min(finished) if finished else float('nan'):6.2f} s  after the POST started "
+        f"(first item enqueued at {min(enqueued) if enqueued else float('nan'):.2f} s)",
+        f"last result   {max(finished) if finished else float('nan'):6.2f} s",
+        f"queue wait    p50 {percentile(waits, 50):7.0f} ms  p90 {percentile(waits, 90):7.0f} ms "
+        "(enqueued -> claimed by a worker)",
+        f"decode        {np.mean(decode) if decode else float('nan'):7.2f} ms/scan on a decode thread "
+        "(read + decode + preprocess; overlaps the model)",
+    ]
+    if began:
+        last = max(stamp(i["timings"]["finished_at"]) for i in items if i["timings"]["finished_at"])
+        lines.append(f"worker busy   {last - min(began):6.2f} s  first claim -> last result")
+    if batches:
+        for key, label in (
+            ("decode_wait_ms", "decode wait"),
+            ("inference_ms", "model"),
+            ("write_ms", "database"),
+        ):
+            total_ms = sum(float(b.get(key, 0.0)) for b in batches)
+            spent = f"{total_ms / 1000:.2f} s in {len(batches)} batches"
+            lines.append(f"{label:<13} {total_ms / n:7.2f} ms/scan  ({spent})")
+    used = ", ".join(f"{name} {seconds:.2f}" for name, seconds in sorted(cpu.items()))
+    lines.append(f"cpu seconds   {used}; total {sum(v for v in cpu.values() if v == v):.2f}")
+    per_scan = ", ".join(f"{name} {1000 * seconds / n:.2f}" for name, seconds in sorted(cpu.items()))
+    lines.append(f"cpu ms/scan   {per_scan}")
+    return lines
 
 
 def single_scan_latencies(
@@ -274,16 +391,16 @@ def main() -> None:
     scans = sample_scans(args.scans)
     with tempfile.TemporaryDirectory(prefix="brainscan-e2e-") as tmp:
         model_path, label = prepare_model(args, Path(tmp))
-        log(f"model: {label} ({args.format or 'card format'}), batch {args.batch_size}")
+        log(f"model: {label} ({args.format or 'variant by the serving rule'}), batch {args.batch_size}")
         log(f"scans: {len(scans)} {scan_source()}")
 
         # Model-side figures first, while the machine is quiet.
-        model_sps = model_only_sps(
+        model_sps, variant = model_only_sps(
             model_path, args.format, model_threads, args.batch_size, [d for _, d in scans], args.seconds
         )
         log(
             f"model-only: {model_sps:.1f} scans/s at batch {args.batch_size} "
-            f"({model_threads or 'all'} threads)"
+            f"({model_threads or 'all'} threads, variant {variant})"
         )
         naive_subset = [d for _, d in scans[: args.naive_scans]]
         naive_sps = naive_throughput(model_path, naive_subset)
@@ -303,11 +420,17 @@ def main() -> None:
             api = Api(url, key)
             data = archive(scans, "a")
             log(f"phase A: one archive of {len(scans)} scans ({len(data) / 1e6:.1f} MB), nothing else")
-            wall, posted, job = run_archive(api, data, "archive-a.zip", args.timeout)
+            cpu = CpuMeter(stack)
+            wall, posted, started, job = run_archive(api, data, "archive-a.zip", args.timeout)
+            cpu_used = cpu.since_start()
             e2e_sps = job["total"] / wall
             log(
                 f"phase A: {job['done']} scored, {job['failed']} failed in {wall:.1f}s "
                 f"(upload + intake {posted:.1f}s): {e2e_sps:.1f} scans/s end to end"
+            )
+            batches = worker_batches(Path(tmp) / "var", job["id"]) if stack is not None else []
+            stages = stage_report(
+                started, posted, job, job_items(api, job["id"], job["total"]), batches, cpu_used
             )
             log(f"phase B: the archive again, with single-scan jobs at {args.single_rate}/s while it runs")
             big, _ = api.submit([("archive-b.zip", archive(scans, "b"), "application/zip")])
@@ -321,7 +444,13 @@ def main() -> None:
     goal_ms = max_wait_ms + 3 * batch_ms
     p50, p95, p99 = (percentile(latencies, q) for q in (50, 95, 99))
     print()
-    print(f"machine       {cores} cores; model {label}; variant {args.format or 'card format'}")
+    cpu_name = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        "unknown CPU",
+    ) if Path("/proc/cpuinfo").exists() else "unknown CPU"  # fmt: skip
+    print(f"machine       {cores} cores, {cpu_name}; model {label}")
+    print(f"variant       {variant} ({'--format ' + args.format if args.format else 'the serving rule'})")
     print(
         f"stack         {'embedded' if not args.url else args.url}, {args.workers} worker(s), "
         f"tf_threads {args.tf_threads or 'all'}, batch {args.batch_size}, max_batch_wait {max_wait_ms} ms"
@@ -333,6 +462,9 @@ def main() -> None:
         f"single scan   n={len(latencies)} p50={p50:.0f} ms p95={p95:.0f} ms p99={p99:.0f} ms "
         f"(goal <= {max_wait_ms} + 3 x {batch_ms:.0f} = {goal_ms:.0f} ms)"
     )
+    print("where phase A's time went (one archive, nothing else):")
+    for line in stages:
+        print(f"  {line}")
     r1, r2 = e2e_sps / model_sps, e2e_sps / naive_sps
     print(f"e2e_vs_model={r1:.3f} e2e_vs_naive={r2:.3f} p99_single_ms={p99:.0f}")
 

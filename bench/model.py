@@ -1,7 +1,7 @@
 """Model-only throughput: scans/s of the served model and of the ResNet50 architecture, per batch size.
 
     .venv/bin/python bench/model.py                 # default model + ResNet50 architecture (random weights)
-    .venv/bin/python bench/model.py --model models/brainscan-compact/2 --batches 1,8,32,64
+    .venv/bin/python bench/model.py --model models/brainscan-compact/3 --batches 1,8,32,64
 
 Prints a table and, last, one line ``model_vs_resnet50=R compact_sps=A resnet50_sps=B`` at batch 32,
 after a line ``detector_cost=P% model_only_sps=A with_detector_sps=B``: the served model's ``predict``

@@ -1,7 +1,7 @@
 """The original project's way to score: load the SavedModel as a Keras layer, one call per image.
 
     .venv/bin/python bench/naive.py                       # ResNet50 architecture, random weights
-    .venv/bin/python bench/naive.py --model models/brainscan-compact/2 --scans 200
+    .venv/bin/python bench/naive.py --model models/brainscan-compact/3 --scans 200
     .venv/bin/python bench/naive.py --quick               # a few scans, to see that it runs
 
 Per scan: decode with PIL, resize, ``resnet50.preprocess_input``, a batch of one through

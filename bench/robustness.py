@@ -1,6 +1,6 @@
 """Accuracy under intensity and geometric shifts, through the serving path (issue 12).
 
-    .venv/bin/python bench/robustness.py --model models/brainscan-compact/2 \
+    .venv/bin/python bench/robustness.py --model models/brainscan-compact/3 \
         --data ../shared/data/brain-tumor-mri/Training [--shifts none,contrast=1.5,...] \
         [--json OUT.json] [--markdown OUT.md] [--format savedmodel|tflite|tflite-int8]
 

@@ -172,8 +172,8 @@ class Chaos:
 
 
 def start_embedded(var_dir: Path, model_dir: Path, workers: int):  # type: ignore[no-untyped-def]
-    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
     from brainscan.settings import Settings, get_settings
+    from brainscan_cli.embedded import free_port, start_stack, wait_for_workers
 
     for key in [k for k in os.environ if k.startswith("BRAINSCAN_")]:
         del os.environ[key]  # the embedded defaults, whatever the caller's shell holds

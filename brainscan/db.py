@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import (
@@ -29,7 +31,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -44,6 +46,7 @@ def utcnow() -> datetime:
 
 
 class JobStatus(enum.StrEnum):
+    receiving = "receiving"  # intake still reading the upload: items (and total) still arriving
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -92,7 +95,17 @@ class Job(Base):
     callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    # The webhook outbox (worker/notify.py): a job with a callback_url and a finished_at (committed
+    # with its final results) owes its webhook until webhook_done_at is set (delivered, refused or
+    # given up). webhook_queued_at: when its task was last queued or ran; the webhook reaper
+    # re-queues one never queued, or whose task stopped running (a crash, a lost message).
+    webhook_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    webhook_done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Items flagged "uncertain" / "out_of_scope", moved with done/failed (issue 11). NULL: a job from
+    # before flags existed (migration 0003), whose items were never checked.
+    flagged_uncertain: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
+    flagged_out_of_scope: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
 
     items: Mapped[list[Item]] = relationship(back_populates="job", order_by="Item.position")
 
@@ -107,10 +120,14 @@ class Item(Base):
     position: Mapped[int] = mapped_column(Integer)  # order within the job, as uploaded
     filename: Mapped[str] = mapped_column(Text)  # client data: display only, never a path
     source_ref: Mapped[str | None] = mapped_column(Text, nullable=True)  # frame / slice reference
-    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: nothing stored
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: nothing stored
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # stored at intake (quotas)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.queued.value)
     label: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)  # None when out of scope
+    flag: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None | uncertain | out_of_scope
+    flag_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why, for people
+    scope_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: model has no detector
     prob_glioma: Mapped[float | None] = mapped_column(Float, nullable=True)
     prob_meningioma: Mapped[float | None] = mapped_column(Float, nullable=True)
     prob_notumor: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -125,6 +142,7 @@ class Item(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     preprocess_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     inference_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the process that scored it
 
     job: Mapped[Job] = relationship(back_populates="items")
 
@@ -156,8 +174,36 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite file owner-only (0600), and tighten one created looser before.
+
+    It holds key hashes, file names and results. SQLite gives its -wal and -shm files the database
+    file's permissions, so they follow.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.parent.is_dir():
+        return
+    if not path.exists():
+        # Never open (and close) a file that may already be open through SQLite in this process:
+        # close() drops every POSIX lock the process holds on it, and the next concurrent writer
+        # corrupts the database (sqlite.org/howtocorrupt.html, 2.2). A file that does not exist yet
+        # has no such connection.
+        # (FileExistsError: another process created it meanwhile; then only tighten it below.)
+        with suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    if path.stat().st_mode & 0o077:
+        try:
+            path.chmod(0o600)
+        except OSError:  # not ours to change: say so, do not refuse to run
+            log.warning("the SQLite database file is readable by others; could not make it 0600")
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

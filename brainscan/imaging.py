@@ -61,6 +61,20 @@ class InputSpec:
 ORIGINAL_RESNET50 = InputSpec()  # the original project's export, served card-less
 
 
+# Decoding cost is bounded before PIL does any work: a header must end within this window (PIL skips
+# junk between JPEG markers a byte at a time, so a header may not wander through megabytes of it),
+# and a file may be at most FILE_BYTES_PER_RAW_BYTE times its declared raw pixels plus slack (a scan
+# of padding or trailing data is refused, not stored and not decoded).
+HEADER_WINDOW_BYTES = 256 * 1024
+FILE_BYTES_PER_RAW_BYTE = 4  # 16-bit PNGs open as 8-bit modes: their files may hold twice the raw size
+FILE_SLACK_BYTES = 1024 * 1024  # metadata: EXIF, ICC profiles, text chunks
+TOO_LARGE_TO_DECODE = "image too large to decode safely (decompression bomb guard)"
+PADDED_IMAGE = "image file is larger than its pixels could need: mostly padding or trailing data"
+HEADER_NOT_IN_WINDOW = (
+    f"cannot decode image: no JPEG or PNG header within its first {HEADER_WINDOW_BYTES // 1024} KiB"
+)
+
+
 @contextmanager
 def _decode_errors() -> Iterator[None]:
     """Turn whatever PIL raises on a hostile or broken file into a ScanError with a fixed reason."""
@@ -72,16 +86,57 @@ def _decode_errors() -> Iterator[None]:
         raise
     # Fixed reasons: PIL's messages quote object reprs (memory addresses) and sizes from the file.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ScanError("image too large to decode safely (decompression bomb guard)") from None
+        raise ScanError(TOO_LARGE_TO_DECODE) from None
     except UnidentifiedImageError:
         raise ScanError("cannot decode image: not a readable JPEG or PNG") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if "truncated" in str(exc):
             raise ScanError("cannot decode image: image file is truncated") from None
         raise ScanError(f"cannot decode image: damaged image data ({type(exc).__name__})") from None
 
 
-def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
+@dataclass(frozen=True)
+class ScanHeader:
+    """What a JPEG or PNG declares, read from its header alone, and the most bytes it may take."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    max_file_bytes: int
+
+
+def scan_header(data: bytes, max_pixels: int) -> ScanHeader:
+    """Parse a scan's header from at most its first ``HEADER_WINDOW_BYTES``; no pixel is decoded.
+
+    Raises ScanError (a fixed reason) for anything we do not score: not a JPEG/PNG, no header in the
+    window, more than ``max_pixels``, several frames. Intake refuses junk with it before storing;
+    the worker calls it again (through ``open_image``) before decoding.
+    """
+    return _scan_header(data, max_pixels)[0]
+
+
+def _scan_header(data: bytes, max_pixels: int) -> tuple[ScanHeader, Image.Image]:
+    with _decode_errors():
+        try:
+            image = _open_header(data[:HEADER_WINDOW_BYTES], max_pixels)
+        except ScanError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            if len(data) > HEADER_WINDOW_BYTES:
+                raise ScanError(HEADER_NOT_IN_WINDOW) from None
+            raise
+        width, height = image.size
+        mode = image.mode
+        bytes_per_sample = 2 if mode.startswith("I;16") else 4 if mode in ("I", "F") else 1
+        raw = width * height * len(image.getbands()) * bytes_per_sample
+        header = ScanHeader(
+            str(image.format), width, height, mode, FILE_BYTES_PER_RAW_BYTE * raw + FILE_SLACK_BYTES
+        )
+        return header, image
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
     """Open an image (header only) and refuse anything we do not score or that is too large."""
     if not data:
         raise ScanError("empty file")
@@ -90,10 +145,22 @@ def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
         raise ScanError(f"unsupported image format {image.format or 'unknown'} (JPEG or PNG only)")
     width, height = image.size
     if width * height > max_pixels:
-        raise ScanError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+        # Our limit only: the file's own dimensions are not quoted.
+        raise ScanError(f"image has more pixels than the limit of {max_pixels} (BRAINSCAN_MAX_IMAGE_PIXELS)")
     if getattr(image, "n_frames", 1) > 1:
         raise ScanError("animated or multi-frame image: one frame per scan expected")
     return image
+
+
+def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The opened image, after a bounded header parse and a size check: decoding it costs at most
+    what its declared pixels cost (the header is the same bytes the window already parsed)."""
+    header, image = _scan_header(data, max_pixels)
+    if len(data) > header.max_file_bytes:
+        raise ScanError(PADDED_IMAGE)
+    if len(data) <= HEADER_WINDOW_BYTES:
+        return image  # the window was the whole file: parsed once
+    return _open_header(data, max_pixels)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,19 +1,33 @@
-"""Jobs and items, the write side: a new job and all its items in one transaction.
+"""Jobs and items, the write side: a job opens, receives its items in committed chunks, then closes.
 
 :mod:`brainscan.results` is the read side (the JSON and CSV shapes). The workers move items on from
 here (``worker/tasks.py``), intake (:mod:`brainscan.intake`) and the nightly re-score create jobs.
+
+Intake in chunks (``brainscan.intake.submit``): :func:`create_job` with ``receiving=True`` commits
+the job with its first chunk in status ``receiving``, so it is visible and pollable while a large
+archive is still being read; :func:`add_items` commits each further chunk (and moves the job's
+``total``/``failed``) before the caller enqueues it, so workers score the first chunks while the rest
+is read and an item is never on the queue before it is in the database; :func:`close_intake` ends
+``receiving``. Workers never close a job that is still ``receiving`` (its ``total`` is still
+growing), so ``close_intake`` closes it itself when every item is already final. A job whose intake
+stopped half way (the API process died) stays ``receiving``; :func:`close_abandoned_intakes` (run by
+the reaper) then adds one failed item that says so and closes the intake, so the job ends
+``partial`` or ``failed``, never silent. An upload smaller than one chunk is one transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from brainscan.db import Item, ItemStatus, Job, JobStatus
+
+# Shown as the file name of the failed item that records an interrupted intake (display data only).
+INTERRUPTED_INTAKE_NAME = "(rest of the upload)"
 
 
 @dataclass
@@ -31,6 +45,24 @@ class IntakeEntry:
         return self.error is not None
 
 
+def _item_rows(job_id: str, entries: Sequence[IntakeEntry], first_position: int, now: datetime) -> list[dict]:
+    return [
+        {
+            "job_id": job_id,
+            "position": first_position + offset,
+            "filename": entry.filename,
+            "source_ref": entry.source_ref,
+            "sha256": entry.sha256,
+            "size_bytes": entry.size if entry.sha256 is not None else None,
+            "status": ItemStatus.failed.value if entry.failed else ItemStatus.queued.value,
+            "error": entry.error,
+            "created_at": now,
+            "finished_at": now if entry.failed else None,
+        }
+        for offset, entry in enumerate(entries)
+    ]
+
+
 def create_job(
     session: Session,
     owner_key_id: int | None,
@@ -38,18 +70,25 @@ def create_job(
     *,
     source: str = "api",
     callback_url: str | None = None,
+    receiving: bool = False,
 ) -> Job:
-    """Write the job and all its items in one transaction and commit it.
+    """Write a job and these items in one transaction, and commit it.
 
-    Items that failed at intake are written already failed (and counted), so a client sees exactly
-    what it sent. A job whose every item failed is final at once.
+    ``receiving``: more items will follow (:func:`add_items`, then :func:`close_intake`); the job is
+    visible at once and no worker closes it meanwhile. Otherwise these are all its items: a small
+    upload costs one transaction. Items that failed at intake are written already failed (and
+    counted), so a client sees exactly what it sent; a complete job whose every item failed is final.
     """
     now = datetime.now(UTC)
     failed = sum(1 for e in entries if e.failed)
-    all_failed = failed == len(entries)
+    all_failed = failed == len(entries) and not receiving
+    if receiving:
+        status = JobStatus.receiving.value
+    else:
+        status = JobStatus.failed.value if all_failed else JobStatus.queued.value
     job = Job(
         owner_key_id=owner_key_id,
-        status=JobStatus.failed.value if all_failed else JobStatus.queued.value,
+        status=status,
         total=len(entries),
         done=0,
         failed=failed,
@@ -61,24 +100,122 @@ def create_job(
     try:
         session.add(job)
         session.flush()
-        rows = [
-            {
-                "job_id": job.id,
-                "position": position,
-                "filename": entry.filename,
-                "source_ref": entry.source_ref,
-                "sha256": entry.sha256,
-                "status": ItemStatus.failed.value if entry.failed else ItemStatus.queued.value,
-                "error": entry.error,
-                "created_at": now,
-                "finished_at": now if entry.failed else None,
-            }
-            for position, entry in enumerate(entries)
-        ]
-        if rows:
-            session.execute(insert(Item), rows)
+        if entries:
+            session.execute(insert(Item), _item_rows(job.id, entries, 0, now))
         session.commit()
     except BaseException:
         session.rollback()
         raise
     return job
+
+
+# ---- intake in chunks -------------------------------------------------------------------------------
+
+
+def add_items(session: Session, job_id: str, entries: Sequence[IntakeEntry], first_position: int) -> int:
+    """Commit a chunk of a receiving job's items and grow its counts, in one transaction.
+
+    Returns how many of them are queued for scoring (the rest failed at intake). The caller enqueues
+    only after this returns: an item is never on the queue before it is in the database.
+    """
+    if not entries:
+        return 0
+    failed = sum(1 for e in entries if e.failed)
+    try:
+        session.execute(insert(Item), _item_rows(job_id, entries, first_position, datetime.now(UTC)))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(total=Job.total + len(entries), failed=Job.failed + failed)
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return len(entries) - failed
+
+
+def close_intake(session: Session, job_id: str, now: datetime | None = None) -> Job | None:
+    """End a job's ``receiving``: final now if every item already is, else ``queued``/``running``.
+
+    One UPDATE on the job row, guarded by ``status = 'receiving'``: a worker committing results at the
+    same moment either committed first (its counts are seen here) or sees the job no longer
+    receiving and closes it itself. Returns the job (None if it was not receiving).
+    """
+    now = now or datetime.now(UTC)
+    final = Job.done + Job.failed >= Job.total
+    started = exists(select(Item.id).where(Item.job_id == Job.id, Item.started_at.is_not(None)))
+    try:
+        closed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.receiving.value)
+            .values(
+                status=case(
+                    (final & (Job.done == 0), JobStatus.failed.value),
+                    (final & (Job.failed == 0), JobStatus.succeeded.value),
+                    (final, JobStatus.partial.value),
+                    (started, JobStatus.running.value),
+                    else_=JobStatus.queued.value,
+                ),
+                started_at=select(func.min(Item.started_at)).where(Item.job_id == Job.id).scalar_subquery(),
+                finished_at=case((final, now), else_=None),
+            )
+            .returning(Job.id)
+        ).first()
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    if closed is None:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    return job
+
+
+def interrupt_intake(session: Session, job_id: str, reason: str) -> Job | None:
+    """Record why a receiving job's intake stopped (one failed item, after its last one) and close it.
+
+    The items already committed stay and are scored; the job ends ``partial`` (or ``failed``) with
+    the reason on the extra item, so the client sees that part of what it sent was never read.
+    """
+    try:
+        position = session.scalar(
+            select(func.coalesce(func.max(Item.position) + 1, 0)).where(Item.job_id == job_id)
+        )
+        receiving = session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.receiving.value
+        if not receiving:
+            session.rollback()
+            return None
+        add_items(session, job_id, [IntakeEntry(INTERRUPTED_INTAKE_NAME, error=reason)], int(position or 0))
+    except BaseException:
+        session.rollback()
+        raise
+    return close_intake(session, job_id)
+
+
+def abandoned_intakes(session: Session, stale_after_s: float, now: datetime | None = None) -> list[str]:
+    """Receiving jobs with no new item for ``stale_after_s``: their intake process is gone."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(seconds=stale_after_s)
+    recent_item = exists(select(Item.id).where(Item.job_id == Job.id, Item.created_at >= cutoff))
+    return list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status == JobStatus.receiving.value, Job.created_at < cutoff, ~recent_item
+            )
+        )
+    )
+
+
+def close_abandoned_intakes(session: Session, stale_after_s: float, now: datetime | None = None) -> list[Job]:
+    """Mark every abandoned intake (see :func:`abandoned_intakes`); returns the jobs it closed."""
+    closed: list[Job] = []
+    for job_id in abandoned_intakes(session, stale_after_s, now):
+        total = session.scalar(select(Job.total).where(Job.id == job_id)) or 0
+        reason = (
+            f"intake stopped before the upload was fully read (the process reading it ended): "
+            f"{total} item(s) were stored and are scored, the rest was not read; submit it again"
+        )
+        job = interrupt_intake(session, job_id, reason)
+        if job is not None:
+            closed.append(job)
+    return closed

@@ -141,6 +141,13 @@ def resolve_model(model_dir: Path, name: str = "", version: str = "") -> ModelRe
             "to models/<name>/<version>/ (see README, 'Models')."
         )
     names = {r.path.parent.name for r in refs}
+    if len(names) > 1 and version:
+        # A version alone names no model (a promotion applies only when neither is set), whether or
+        # not one is promoted: say so rather than "none promoted".
+        raise ModelNotFound(
+            f"several models in {model_dir} ({', '.join(sorted(names))}) have version {version}: "
+            "a version alone does not choose a model; set BRAINSCAN_MODEL_NAME too"
+        )
     if len(names) > 1:
         raise ModelNotFound(
             f"several models in {model_dir} ({', '.join(sorted(names))}) and none promoted: "

@@ -22,6 +22,8 @@ REAP_TASK = "brainscan.reap"
 GRADCAM_TASK = "brainscan.gradcam"
 NIGHTLY_TASK = "brainscan.nightly"
 NOTIFY_TASK = "brainscan.notify_job"
+NOTIFY_REAP_TASK = "brainscan.reap_webhooks"
+RETENTION_TASK = "brainscan.retention"
 
 QUEUE = "brainscan"  # scoring and the reaper
 AUX_QUEUE = "brainscan.aux"  # Grad-CAM and the nightly inbox scan
@@ -35,6 +37,8 @@ TASK_ROUTES = {
     GRADCAM_TASK: {"queue": AUX_QUEUE},
     NIGHTLY_TASK: {"queue": AUX_QUEUE},
     NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
+    NOTIFY_REAP_TASK: {"queue": NOTIFY_QUEUE},
+    RETENTION_TASK: {"queue": AUX_QUEUE},
 }
 
 # Kombu's default Redis priority steps, named so the lane's lists are known. Smaller is served first.

@@ -23,7 +23,7 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from brainscan.db import Item, ItemStatus, default_sessions
+from brainscan.db import Item, ItemStatus, Job, default_sessions
 from brainscan.queue_contract import (
     BULK_PRIORITY,
     GRADCAM_TASK,
@@ -66,10 +66,30 @@ def redis_ping(url: str, timeout: float = 0.5) -> bool:
     return redis_problem(url, timeout) is None
 
 
+def publisher_config(settings: Settings) -> dict[str, Any]:
+    """The contract's configuration with the publishing side's socket timeouts.
+
+    A broker that accepts the connection but never answers (frozen, overloaded, a stuck network
+    path) must cost a publish ``broker_timeout_s`` per try, not a hang: every Redis operation of a
+    publish gets a connect *and* a read timeout and no silent retry on timeout (the publish retry
+    policy already retries). A consumer does not use this: its blocking reads wait by design.
+    """
+    config = broker_config(settings)
+    timeout = settings.broker_timeout_s
+    config["broker_connection_timeout"] = timeout
+    config["broker_transport_options"] = {
+        **config["broker_transport_options"],
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry_on_timeout": False,
+    }
+    return config
+
+
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app that can publish under the queue contract (a worker adds its own settings)."""
+    """A Celery app that publishes under the queue contract, with bounded socket timeouts."""
     app = Celery("brainscan", set_as_current=False)
-    app.conf.update(broker_config(settings))
+    app.conf.update(publisher_config(settings))
     return app
 
 
@@ -150,17 +170,21 @@ class Publisher:
         """Send a job's queued items that were never sent. Call after the job's transaction committed."""
         try:
             with self.sessions() as session:
-                ids = list(session.scalars(_never_sent(job_id)))
+                rows = session.execute(_never_sent(job_id)).all()
         except Exception as exc:
             log.warning("could not read job %s to enqueue it: %s", job_id, _why(exc))
             return False
-        return self._publish_or_log(ids, f"job {job_id} ({len(ids)} items)")
+        ids = [row.id for row in rows]
+        # The lane follows the job's size, not this send's: intake sends a large archive in chunks,
+        # and its last few items must not jump the queue as if they were a small job.
+        priority = self.priority_for(max(rows[0].total if rows else 0, len(ids)))
+        return self._publish_or_log(ids, f"job {job_id} ({len(ids)} items)", priority)
 
-    def _publish_or_log(self, ids: list[int], what: str) -> bool:
+    def _publish_or_log(self, ids: list[int], what: str, priority: int | None = None) -> bool:
         if not ids:
             return True
         try:
-            self.publish(ids)
+            self.publish(ids, priority)
         except Exception as exc:  # broker or database down: the reaper sends them later
             log.warning("could not enqueue %s, the reaper will retry: %s", what, _why(exc))
             return False
@@ -181,17 +205,28 @@ class Publisher:
         return True
 
     def notify_jobs(self, job_ids: Iterable[str]) -> None:
-        """Queue the job-finished webhook of each job (call after the transaction that closed them).
+        """Queue the job-finished webhook of each job (call after the transaction that closed them)
+        and stamp its ``webhook_queued_at``.
 
-        Never raises: a broker hiccup costs a webhook (logged), never the results already committed.
+        Never raises: the webhook is owed from the commit on (``worker/notify.py``), so a broker
+        hiccup here only delays it until the webhook reaper queues it.
         """
         ids = [str(job_id) for job_id in job_ids]
         if not ids:
             return
+
+        def stamp(args: list[Any]) -> None:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(Job).where(Job.id == args[0]).values(webhook_queued_at=datetime.now(UTC))
+                )
+
         try:
-            self.send(NOTIFY_TASK, ([job_id] for job_id in ids))
+            self.send(NOTIFY_TASK, ([job_id] for job_id in ids), after_each=stamp)
         except Exception as exc:
-            log.error("could not queue %d job webhook(s): %s", len(ids), type(exc).__name__)
+            log.warning(
+                "could not queue %d job webhook(s), the webhook reaper will: %s", len(ids), type(exc).__name__
+            )
 
     # -- liveness -----------------------------------------------------------------------------------
 
@@ -223,8 +258,10 @@ def count_heartbeats(broker_url: str, timeout: float = 1.0) -> int:
 
 
 def _never_sent(job_id: str) -> Any:
+    """A job's queued items never sent (id), with the job's total (for its lane)."""
     return (
-        select(Item.id)
+        select(Item.id, Job.total)
+        .join(Job, Job.id == Item.job_id)
         .where(Item.job_id == job_id, Item.status == ItemStatus.queued.value, Item.enqueued_at.is_(None))
         .order_by(Item.position)
     )

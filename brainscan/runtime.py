@@ -20,8 +20,10 @@ Two variants of one model folder:
   tensor's own scale and zero point, so callers never see the difference. Outputs are found by the
   names of the file's ``serve`` signature (``output_0``, ``features``).
 
-Which variant serves: the ``model_format`` argument, else ``BRAINSCAN_MODEL_FORMAT``, else the card's
-``format``. Nothing here imports Celery or FastAPI.
+Which variant serves: the ``model_format`` argument, else ``BRAINSCAN_MODEL_FORMAT``, else the rule in
+:mod:`brainscan.variants` (the int8 file where the CPU has VNNI/AMX and the card shows it within 0.3
+points of fp32, else the card's ``format``); the scorer's ``variant_reason`` says why. Nothing here
+imports Celery or FastAPI.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 from brainscan import CLASSES
 from brainscan.modelrepo import ModelCard, ModelNotFound, ModelRef, read_card, resolve_model
 from brainscan.trust import FEATURES_OUTPUT, Trust, Verdict
+from brainscan.variants import choose_variant
 
 VARIANTS = ("savedmodel", "tflite", "tflite-int8")
 DEFAULT_VARIANT_FILES = {"tflite": "model.tflite", "tflite-int8": "model-int8.tflite"}
@@ -47,6 +50,7 @@ DEFAULT_VARIANT_FILES = {"tflite": "model.tflite", "tflite-int8": "model-int8.tf
 class Scorer(Protocol):
     card: ModelCard
     variant: str
+    variant_reason: str  # why this variant serves (brainscan.variants)
     path: Path
     trust: Trust
 
@@ -112,6 +116,7 @@ class SavedModelScorer(_Judging):
     variant: str = "savedmodel"
     features_name: str | None = None
     trust: Trust = field(default_factory=Trust.raw)
+    variant_reason: str = ""
 
     def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import tensorflow as tf
@@ -222,6 +227,7 @@ class TFLiteScorer(_Judging):
     probabilities_index: int = -1
     features_index: int | None = None
     trust: Trust = field(default_factory=Trust.raw)
+    variant_reason: str = ""
     _batch: int = field(default=-1, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -341,9 +347,10 @@ def load_scorer(
     """The model at ``ref_or_path`` (a ModelRef, a model folder, a repository folder, or a .tflite file).
 
     ``model_format`` picks the variant ("savedmodel", "tflite", "tflite-int8"); None reads
-    ``BRAINSCAN_MODEL_FORMAT``, and an empty value means the card's own format. ``num_threads`` sizes
-    the TFLite interpreter (None reads ``BRAINSCAN_TF_THREADS``; 0 means all cores). The scorer's
-    ``trust`` comes from the card (``BRAINSCAN_UNCERTAIN_BELOW`` overrides its threshold).
+    ``BRAINSCAN_MODEL_FORMAT``, and an empty value means the serving rule (``brainscan.variants``).
+    ``num_threads`` sizes the TFLite interpreter (None reads ``BRAINSCAN_TF_THREADS``; 0 means all
+    cores). The scorer's ``trust`` comes from the card (``BRAINSCAN_UNCERTAIN_BELOW`` overrides its
+    threshold).
     """
     scorer = _load_variant(ref_or_path, model_format, num_threads)
     scorer.trust = load_trust(scorer)
@@ -387,19 +394,26 @@ def _load_variant(
             raise ModelNotFound(f"no TFLite file {path}")
         card = read_card(path.parent)
         variant = "tflite-int8" if "int8" in path.stem else "tflite"
-        return load_tflite(path, card, num_threads, variant)
+        scorer = load_tflite(path, card, num_threads, variant)
+        scorer.variant_reason = "a .tflite file was named"
+        return scorer
 
     ref = ref_or_path if isinstance(ref_or_path, ModelRef) else resolve_model(Path(ref_or_path))
     if model_format is None:
         model_format = get_settings().model_format
-    variant = model_format or ref.card.format
+    choice = choose_variant(ref.card, ref.path, model_format)
+    variant = choice.variant
     if variant not in VARIANTS:
         raise ModelNotFound(f"unknown model format {variant!r}: one of {', '.join(VARIANTS)}")
+    scorer: SavedModelScorer | TFLiteScorer
     if variant == "savedmodel":
         if not (ref.path / "saved_model.pb").is_file():
             raise ModelNotFound(f"{ref.path} holds no saved_model.pb")
-        return load_savedmodel(ref.path, ref.card)
-    return load_tflite(variant_file(ref, variant), ref.card, num_threads, variant)
+        scorer = load_savedmodel(ref.path, ref.card)
+    else:
+        scorer = load_tflite(variant_file(ref, variant), ref.card, num_threads, variant)
+    scorer.variant_reason = choice.reason
+    return scorer
 
 
 def predict_in_batches(scorer: Scorer, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     # Serving.
     batch_size: int = Field(32, ge=1, le=1024, description="Largest batch a worker scores at once.")
     max_batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest wait to fill a batch.")
-    enqueue_chunk: int = Field(32, ge=1, le=1024, description="Items per queued message.")
+    enqueue_chunk: int = Field(
+        64, ge=1, le=1024, description="Items per queued message (64: one intake chunk, one worker flush)."
+    )
     tf_threads: int = Field(
         0,
         ge=0,
@@ -47,7 +49,8 @@ class Settings(BaseSettings):
     model_format: Literal["", "savedmodel", "tflite", "tflite-int8"] = Field(
         "",
         description="Which variant of the model to serve: the SavedModel, or a TFLite file written by "
-        "`brainscan export --tflite/--int8`; empty means the card's own format.",
+        "`brainscan export --tflite/--int8`; empty means the int8 variant where the CPU has VNNI/AMX and "
+        "the card shows it within 0.3 points of fp32, else the card's own format (brainscan/variants.py).",
     )
     uncertain_below: float | None = Field(
         None,
@@ -68,6 +71,31 @@ class Settings(BaseSettings):
     max_scan_bytes: int = Field(64 * MIB, ge=1, description="Largest single scan file.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image (w*h).")
     max_items_per_job: int = Field(20_000, ge=1, description="Most scans one job may hold.")
+    max_request_entries: int = Field(
+        100_000, ge=1, description="Most archive entries examined in one request (skipped ones included)."
+    )
+    max_intake_cpu_s: float = Field(
+        5.0, gt=0, description="CPU seconds intake may spend on one request, plus the per-MiB allowance."
+    )
+    max_intake_cpu_s_per_mib: float = Field(
+        1.0, ge=0, description="CPU seconds intake may spend per MiB uploaded, on top of max_intake_cpu_s."
+    )
+    upload_timeout_s: float = Field(600.0, gt=0, description="Longest time one upload body may take (408).")
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause between two chunks of an upload body (408)."
+    )
+    max_expansion_ratio: int = Field(
+        64,
+        ge=1,
+        description="One request expands at most this many times its upload size (and at least "
+        "max_volume_bytes; never past max_expanded_bytes): decompressing costs CPU.",
+    )
+    max_stored_ratio: int = Field(
+        16,
+        ge=1,
+        description="One request stores at most this many times its upload size in scans (and at least "
+        "max_scan_bytes): a small archive of padding cannot fill the disk.",
+    )
     # Scanner files (DICOM, NIfTI; brainscan/scanners.py), checked from the header before pixel work.
     max_volume_slices: int = Field(
         2048, ge=1, description="Most axial slices of one NIfTI volume or frames of one DICOM file."
@@ -89,10 +117,31 @@ class Settings(BaseSettings):
         description="Jobs (with their results) finished more than this many days ago are deleted, "
         "and their scans unless a newer job holds them too; 0 = keep for ever.",
     )
+    retention_cron: str = Field(
+        "30 3 * * *", description="Crontab (UTC) for the daily retention purge and storage/tmp sweep."
+    )
+    quota_scans_per_day: int = Field(
+        100_000, ge=0, description="Scans one API key may store per UTC day (429 past it); 0 = no limit."
+    )
+    quota_bytes_per_day: int = Field(
+        20 * 1024 * MIB, ge=0, description="Scan bytes one API key may store per UTC day; 0 = no limit."
+    )
 
     # HTTP.
     host: str = Field("127.0.0.1", description="Address the API binds (and the CLI calls).")
     port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
+    public_url: str = Field(
+        "",
+        description="Base URL clients reach the API at (status_url, Location); empty means "
+        "http://<host>:<port>. Never taken from a request's Host header.",
+    )
+    broker_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Connect and read timeout of each Redis operation when publishing: a frozen "
+        "broker costs a POST about this long (times the publish retries), then 202 enqueued:false.",
+    )
 
     # Nightly scoring.
     nightly_cron: str = Field("0 2 * * *", description="Crontab (UTC) for the nightly inbox scan.")
@@ -120,6 +169,17 @@ class Settings(BaseSettings):
     )
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries of a job's callback_url.")
     webhook_backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles each retry.")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Total deadline of one webhook try (connect, send, answer)."
+    )
+    webhook_allow: str = Field(
+        "",
+        description="Comma-separated hosts and CIDRs a callback_url may reach although they are "
+        "loopback, link-local, private or otherwise not public (refused by default).",
+    )
+    webhook_key_concurrency: int = Field(
+        1, ge=1, description="Webhook tries of one API key's jobs in flight at once, across workers."
+    )
 
     @property
     def resolved_storage_dir(self) -> Path:
@@ -132,6 +192,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.var_dir / 'brainscan.db').resolve()}"
+
+    @property
+    def resolved_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def api_key_file(self) -> Path:

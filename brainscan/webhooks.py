@@ -4,10 +4,19 @@
 fail the job or the worker. Connection errors, timeouts, ``429`` and ``5xx`` are worth another try,
 with exponential backoff (``backoff``, ``2*backoff``, ``4*backoff``, ... capped; a ``Retry-After`` in
 seconds is honoured within the cap, :func:`retry_delay`); any other ``4xx`` is final (the receiver
-refused this payload; sending it again would not change that). Redirects are not followed.
+refused this payload; sending it again would not change that). Redirects are not followed. The
+retries are Celery's (``worker/notify.py``), so they outlive a worker restart.
 
-In a worker the retries are Celery's (``worker/notify.py``: ``autoretry_for`` / ``retry_backoff`` /
-``max_retries``), so they outlive a worker restart; :func:`notify` is the same policy in-process.
+Bounded cost per try. One try has a *total* deadline (``BRAINSCAN_WEBHOOK_TIMEOUT_S``): name
+resolution, connect, send and the whole answer, not a per-read timeout, so a receiver trickling one
+byte every few seconds is cut at the deadline like a silent one.
+
+Destination policy. A callback URL is attacker-chosen: it must not reach the service's own network.
+Every address the host resolves to *at send time* (a name may resolve elsewhere than it did at
+submit) must be public (``ipaddress``'s ``is_global``: not loopback, link-local, private, shared,
+reserved or multicast) unless the host name or a CIDR holding the address is in
+``BRAINSCAN_WEBHOOK_ALLOW``; the connection then goes to the very address checked (no second
+lookup an attacker's DNS could answer differently). A refused destination is final, never retried.
 
 Every try of one notification carries the same ``X-Brainscan-Delivery`` id, so a receiver can drop
 duplicates (a retry after a timeout may arrive twice). Logs name the job and the callback's host
@@ -16,11 +25,12 @@ only: a callback URL can carry a token in its path or query.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +41,12 @@ from brainscan import __version__
 log = logging.getLogger(__name__)
 
 EVENT = "job.finished"
+# Name resolution runs on these threads, not the event loop's default executor: ``asyncio.run``
+# waits for that executor on exit, so a hanging resolver would outlive the deadline.
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def job_payload(job: Any) -> dict[str, Any]:
@@ -40,21 +56,101 @@ def job_payload(job: Any) -> dict[str, Any]:
     return {"event": EVENT, "job": job_summary(job)}
 
 
+# ---- destination policy ---------------------------------------------------------------------------
+
+
+class DestinationRefused(Exception):
+    """The callback's host is, or resolves to, an address the policy does not allow."""
+
+
+@dataclass(frozen=True)
+class DestinationPolicy:
+    """Which non-public destinations a callback may reach (``BRAINSCAN_WEBHOOK_ALLOW``)."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, allow: str) -> DestinationPolicy:
+        """``"hooks.internal, 10.1.0.0/16, 127.0.0.1"``: host names and addresses/CIDRs."""
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for entry in (part.strip() for part in allow.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                hosts.add(entry.lower().rstrip("."))
+        return cls(frozenset(hosts), tuple(networks))
+
+    def allows(self, host: str, address: IPAddress) -> bool:
+        if host.lower().rstrip(".") in self.hosts:
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address.is_global or any(address in network for network in self.networks)
+
+    def submit_problem(self, url: str) -> str | None:
+        """Why ``url`` is refused at submit, from the URL alone (no name lookup), else None.
+
+        A literal address is checked now; a host name is checked against what it resolves to at
+        each send (:func:`post_once`).
+        """
+        try:
+            host = urlsplit(url).hostname or ""
+        except ValueError:
+            return "callback_url is not a valid URL"
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            name = host.lower().rstrip(".")
+            local = name in ("localhost", "") or name.endswith(".localhost")
+            if local and name not in self.hosts:
+                return "callback_url points at a local host (allow it with BRAINSCAN_WEBHOOK_ALLOW)"
+            return None
+        if not self.allows(host, address):
+            return (
+                "callback_url points at a loopback, link-local, private or reserved address "
+                "(allow it with BRAINSCAN_WEBHOOK_ALLOW)"
+            )
+        return None
+
+
+# ---- one try ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Attempt:
     """What one POST of a webhook came to."""
 
     delivered: bool
     retry: bool  # a failure worth another try: connection error, timeout, 429, 5xx
-    outcome: str  # "HTTP 503", "ConnectTimeout": never the URL
+    outcome: str  # "HTTP 503", "ConnectTimeout", "deadline exceeded": never the URL
     retry_after: float = 0.0  # seconds the receiver asked for (Retry-After), 0 when none
 
+    @property
+    def timed_out(self) -> bool:
+        """The receiver (or its name server) used up the whole deadline."""
+        return self.outcome == DEADLINE_EXCEEDED
 
-def post_once(callback_url: str, payload: dict[str, Any], delivery: str, *, timeout: float = 10.0) -> Attempt:
-    """POST ``payload`` as JSON to ``callback_url`` once, as delivery ``delivery``. Never raises.
 
-    Whoever retries (the ``brainscan.notify_job`` Celery task, or :func:`notify`) passes the same
-    ``delivery`` id every time, so the receiver can drop a duplicate.
+DEADLINE_EXCEEDED = "deadline exceeded"
+REFUSED_DESTINATION = "destination not allowed"
+
+
+def post_once(
+    callback_url: str,
+    payload: dict[str, Any],
+    delivery: str,
+    *,
+    deadline_s: float = 10.0,
+    policy: DestinationPolicy | None = None,
+) -> Attempt:
+    """POST ``payload`` as JSON to ``callback_url`` once, within ``deadline_s`` in all. Never raises.
+
+    Whoever retries (the ``brainscan.notify_job`` Celery task) passes the same ``delivery`` id every
+    time, so the receiver can drop a duplicate. Must not be called from a running event loop.
     """
     extra = {"job_id": _job_id(payload), "callback_host": _host(callback_url)}
     headers = {
@@ -63,10 +159,17 @@ def post_once(callback_url: str, payload: dict[str, Any], delivery: str, *, time
         "X-Brainscan-Delivery": delivery,
     }
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, headers=headers) as client:
-            response = client.post(callback_url, json=payload)
-    except Exception as exc:  # refused, DNS, timeout, invalid URL: all the receiver's side
-        return Attempt(False, isinstance(exc, httpx.TransportError), type(exc).__name__)
+        response = asyncio.run(
+            _post_within(callback_url, payload, headers, policy or DestinationPolicy(), deadline_s)
+        )
+    except TimeoutError:
+        return Attempt(False, True, DEADLINE_EXCEEDED)
+    except DestinationRefused:
+        log.warning("webhook destination refused by BRAINSCAN_WEBHOOK_ALLOW policy", extra=extra)
+        return Attempt(False, False, REFUSED_DESTINATION)
+    except Exception as exc:  # refused, DNS, invalid URL: all the receiver's side
+        transient = isinstance(exc, httpx.TransportError | OSError)
+        return Attempt(False, transient, type(exc).__name__)
     code = response.status_code
     if 200 <= code < 300:
         log.info("webhook delivered", extra={**extra, "status_code": code})
@@ -75,45 +178,52 @@ def post_once(callback_url: str, payload: dict[str, Any], delivery: str, *, time
     return Attempt(False, retry, f"HTTP {code}", _retry_after(response) if retry else 0.0)
 
 
+async def _post_within(
+    url: str, payload: dict[str, Any], headers: dict[str, str], policy: DestinationPolicy, deadline_s: float
+) -> httpx.Response:
+    async with asyncio.timeout(deadline_s):
+        return await _post(url, payload, headers, policy, deadline_s)
+
+
+async def _post(
+    url: str, payload: dict[str, Any], headers: dict[str, str], policy: DestinationPolicy, deadline_s: float
+) -> httpx.Response:
+    target = httpx.URL(url)
+    if target.scheme not in ("http", "https") or not target.host:
+        raise ValueError("callback_url must be an http(s) URL")
+    host = target.host
+    port = target.port or (443 if target.scheme == "https" else 80)
+    address = await _resolve_allowed(host, port, policy)
+    pinned = target.copy_with(host=str(address))
+    request_headers = {**headers, "Host": url_netloc(url)}
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    # trust_env=False: no proxy from the environment would take the pinned address elsewhere.
+    async with httpx.AsyncClient(timeout=deadline_s, follow_redirects=False, trust_env=False) as client:
+        return await client.post(pinned, json=payload, headers=request_headers, extensions=extensions)
+
+
+async def _resolve_allowed(host: str, port: int, policy: DestinationPolicy) -> IPAddress:
+    """The address to connect to: every address ``host`` resolves to must be allowed."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.run_in_executor(
+        _RESOLVER, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    )
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not addresses:
+        raise OSError("no address")
+    if not all(policy.allows(host, address) for address in addresses):
+        raise DestinationRefused(host)
+    return addresses[0]
+
+
+def url_netloc(url: str) -> str:
+    """``host[:port]`` of ``url`` without any user info: the Host header to send."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
 def retry_delay(attempt: int, backoff: float, max_backoff: float, retry_after: float = 0.0) -> float:
     """Seconds before try ``attempt + 1``: ``backoff * 2**(attempt-1)``, or Retry-After, within the cap."""
     return min(max(backoff * (2 ** (attempt - 1)), retry_after), max_backoff)
-
-
-def notify(
-    callback_url: str,
-    payload: dict[str, Any],
-    attempts: int = 5,
-    backoff: float = 2.0,
-    *,
-    timeout: float = 10.0,
-    max_backoff: float = 300.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> bool:
-    """Deliver in this process, sleeping between tries; True once a 2xx answer came back. Never raises.
-
-    For callers without a worker (scripts, tools). A worker never sleeps in a task: the
-    ``brainscan.notify_job`` task makes one :func:`post_once` per run and lets Celery schedule the
-    next try (``worker/notify.py``), so a retry survives a worker restart.
-    """
-    extra = {"job_id": _job_id(payload), "callback_host": _host(callback_url)}
-    delivery = uuid.uuid4().hex
-    attempts = max(1, int(attempts))
-    for attempt in range(1, attempts + 1):
-        result = post_once(callback_url, payload, delivery, timeout=timeout)
-        if result.delivered:
-            return True
-        if not result.retry:
-            log.warning("webhook refused, not retried: %s", result.outcome, extra=extra)
-            return False
-        if attempt == attempts:
-            break
-        log.info(
-            "webhook attempt %d/%d failed (%s); retrying", attempt, attempts, result.outcome, extra=extra
-        )
-        sleep(retry_delay(attempt, backoff, max_backoff, result.retry_after))
-    log.warning("webhook failed after %d attempts: %s", attempts, result.outcome, extra=extra)
-    return False
 
 
 def _retry_after(response: httpx.Response) -> float:

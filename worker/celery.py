@@ -29,10 +29,12 @@ from brainscan.queue_contract import (
     GRADCAM_TASK,
     NIGHTLY_TASK,
     NOTIFY_QUEUE,
+    NOTIFY_REAP_TASK,
     NOTIFY_TASK,
     PRIORITY_STEPS,
     QUEUE,
     REAP_TASK,
+    RETENTION_TASK,
     SCORE_TASK,
     URGENT_PRIORITY,
     WORKER_QUEUES,
@@ -46,10 +48,12 @@ __all__ = [  # the contract's names, re-exported: tests and tools read them here
     "GRADCAM_TASK",
     "NIGHTLY_TASK",
     "NOTIFY_QUEUE",
+    "NOTIFY_REAP_TASK",
     "NOTIFY_TASK",
     "PRIORITY_STEPS",
     "QUEUE",
     "REAP_TASK",
+    "RETENTION_TASK",
     "SCORE_TASK",
     "URGENT_PRIORITY",
     "WORKER_QUEUES",
@@ -57,26 +61,33 @@ __all__ = [  # the contract's names, re-exported: tests and tools read them here
     "create_app",
 ]
 
-TASK_MODULES = ["worker.tasks", "worker.gradcam", "worker.nightly", "worker.notify"]
+TASK_MODULES = ["worker.tasks", "worker.gradcam", "worker.nightly", "worker.notify", "worker.retention"]
 
 
-def parse_cron(expression: str) -> crontab:
-    """``settings.nightly_cron`` ("minute hour day-of-month month day-of-week", UTC) -> crontab."""
+def parse_cron(expression: str, setting: str = "BRAINSCAN_NIGHTLY_CRON") -> crontab:
+    """A crontab setting ("minute hour day-of-month month day-of-week", UTC) -> crontab."""
     fields = expression.split()
     if len(fields) != 5:
         raise ValueError(
-            f"BRAINSCAN_NIGHTLY_CRON={expression!r}: want 5 crontab fields, "
+            f"{setting}={expression!r}: want 5 crontab fields, "
             "'minute hour day-of-month month day-of-week' (e.g. '0 2 * * *')"
         )
     minute, hour, day_of_month, month_of_year, day_of_week = fields
     try:
         return crontab(minute, hour, day_of_week, day_of_month, month_of_year)
     except Exception as exc:  # celery raises ValueError / ParseException subclasses
-        raise ValueError(f"BRAINSCAN_NIGHTLY_CRON={expression!r}: {exc}") from None
+        raise ValueError(f"{setting}={expression!r}: {exc}") from None
 
 
 def aux_beat_schedule(settings: Settings) -> dict:
-    return {"nightly-inbox": {"task": NIGHTLY_TASK, "schedule": parse_cron(settings.nightly_cron)}}
+    return {
+        "nightly-inbox": {"task": NIGHTLY_TASK, "schedule": parse_cron(settings.nightly_cron)},
+        # Daily: results and scans past BRAINSCAN_RETENTION_DAYS, and storage/tmp leftovers.
+        "retention": {
+            "task": RETENTION_TASK,
+            "schedule": parse_cron(settings.retention_cron, "BRAINSCAN_RETENTION_CRON"),
+        },
+    }
 
 
 def celery_config(settings: Settings) -> dict:
@@ -102,6 +113,12 @@ def celery_config(settings: Settings) -> dict:
                 # A reaper run that waited longer than an interval is superseded by the next one.
                 "options": {"expires": float(settings.reaper_interval_s)},
             },
+            # Webhooks committed as owed but never queued, or whose task was lost (worker/notify.py).
+            "reap-owed-webhooks": {
+                "task": NOTIFY_REAP_TASK,
+                "schedule": float(settings.reaper_interval_s),
+                "options": {"expires": float(settings.reaper_interval_s)},
+            },
             **aux_beat_schedule(settings),
         },
     }
@@ -121,6 +138,9 @@ queueing.use_celery_app(app)  # the reaper, webhooks and the nightly run publish
 @signals.after_setup_logger.connect
 @signals.after_setup_task_logger.connect
 def _json_logs(logger: Any = None, **_: Any) -> None:
+    import logging
+
+    logging.captureWarnings(True)  # Celery's SecurityWarning & co. as log lines, not raw text
     settings = get_settings()
     if settings.log_format != "json" or logger is None:
         return
@@ -128,3 +148,20 @@ def _json_logs(logger: Any = None, **_: Any) -> None:
 
     for handler in logger.handlers:
         handler.setFormatter(JsonFormatter())
+
+
+@signals.celeryd_after_setup.connect
+def _log_start(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    # Instead of Celery's banner (``brainscan worker`` passes --quiet): one line an operator can parse.
+    import logging
+
+    queues = sorted(instance.app.amqp.queues.consume_from or ()) if instance is not None else []
+    pool_cls = getattr(instance, "pool_cls", "")
+    pool = str(getattr(pool_cls, "__module__", pool_cls)).rsplit(".", 1)[-1]  # solo | prefork | ...
+    logging.getLogger("worker").info(
+        "worker %s starting: queues %s, %s pool",
+        sender,
+        ",".join(queues),
+        pool,
+        extra={"event": "worker_started", "worker_id": str(sender), "queues": queues},
+    )

@@ -37,6 +37,7 @@ from brainscan.imaging import ScanError, prepare
 from brainscan.modelrepo import PROMOTED_FILE, ModelCard, ModelNotFound, ModelRef, resolve_model
 from brainscan.runtime import Scorer, load_scorer
 from brainscan.settings import Settings, get_settings
+from brainscan.storage import StorageUnavailable
 from brainscan.trust import Verdict
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Prepared:
     error: str | None
     ms: float
     finding: str | None = None
+    unreadable: bool = False  # storage could not be read (StorageUnavailable): not the scan's fault
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class Engine:
             "" if trust.calibrated else " (raw confidence: the model was never calibrated)",
         )
         log.info(
-            "serving %s/%s (%s) from %s (%s, input %s, %s threads) ready in %.1fs",
+            "serving %s/%s (%s) from %s (%s, input %s, %s threads) ready in %.1fs; variant because: %s",
             ref.card.name,
             ref.card.version,
             scorer.variant,
@@ -142,6 +144,7 @@ class Engine:
             (spec.height, spec.width, spec.channels),
             self.settings.tf_threads or "all",
             time.perf_counter() - started,
+            scorer.variant_reason or "the card's format",
         )
         return Served(ref, scorer)
 
@@ -204,6 +207,8 @@ class Engine:
             pixels: np.ndarray | None = self.prepare(data)
             error = None
             finding = self._input_finding(data)
+        except StorageUnavailable as exc:
+            return Prepared(None, str(exc), (time.perf_counter() - started) * 1000.0, unreadable=True)
         except FileNotFoundError:
             pixels, error = None, "scan bytes missing from storage"
         except ScanError as exc:

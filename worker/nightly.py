@@ -16,6 +16,10 @@ plaintext is written once to ``var_dir/nightly-api-key`` so an operator can read
 API). A run interrupted between a claim and the move leaves the file in ``processing/``; runs report
 such files rather than guess whether their job was stored.
 
+The report also sums up the nightly and re-score jobs that finished in the last
+``REPORT_WINDOW`` (24 h: the previous run's work, scored since): scans scored, failed, and flagged
+``uncertain`` / ``out_of_scope`` (issue 11), per job and in total.
+
 Re-scoring (``nightly_rescore_days`` > 0): succeeded items of the last N days whose result was not
 made by the promoted model become one new job (``source="rescore"``) over the same stored scans
 (sha256), once per scan: a scan already scored by the promoted model, or waiting in an open re-score
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 NIGHTLY_KEY_NAME = "nightly"
 NIGHTLY_KEY_FILE = "nightly-api-key"
 SKIP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
+REPORT_WINDOW = timedelta(hours=24)
+REPORTED_SOURCES = ("nightly", "rescore")
 
 
 @dataclass
@@ -54,6 +60,25 @@ class FileOutcome:
 
 
 @dataclass
+class FinishedJob:
+    """A nightly or re-score job that finished within the report window, with its counts."""
+
+    job_id: str
+    source: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    flags: dict[str, int] | None  # None: scored before flags existed
+
+    def line(self) -> str:
+        text = f"job {self.job_id} ({self.source}, {self.status}): {self.done} scored, {self.failed} failed"
+        if self.flags is not None:
+            text += f", {self.flags['uncertain']} uncertain, {self.flags['out_of_scope']} out of scope"
+        return text
+
+
+@dataclass
 class NightlyReport:
     inbox: Path
     files: list[FileOutcome] = field(default_factory=list)
@@ -62,6 +87,7 @@ class NightlyReport:
     rescore_jobs: list[str] = field(default_factory=list)
     rescore_items: int = 0
     rescore_model: str | None = None
+    finished: list[FinishedJob] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"inbox {self.inbox}: {len(self.files)} file(s)"]
@@ -82,7 +108,21 @@ class NightlyReport:
                 f"re-score with {self.rescore_model}: {self.rescore_items} scan(s) in "
                 f"{len(self.rescore_jobs)} job(s) {' '.join(self.rescore_jobs)}".rstrip()
             )
+        if self.finished:
+            out.append(self.finished_summary())
+            out.extend(f"  {job.line()}" for job in self.finished)
         return out
+
+    def finished_summary(self) -> str:
+        hours = int(REPORT_WINDOW.total_seconds() // 3600)
+        done = sum(job.done for job in self.finished)
+        failed = sum(job.failed for job in self.finished)
+        uncertain = sum(job.flags["uncertain"] for job in self.finished if job.flags)
+        out_of_scope = sum(job.flags["out_of_scope"] for job in self.finished if job.flags)
+        return (
+            f"finished in the last {hours} h: {len(self.finished)} job(s), {done} scans scored, "
+            f"{failed} failed, {uncertain} uncertain, {out_of_scope} out of scope"
+        )
 
 
 # ---- the nightly key -------------------------------------------------------------------------------
@@ -274,10 +314,33 @@ def rescore(settings: Settings, days: int, report: NightlyReport) -> None:
         publisher.enqueue_job(job_id)  # after commit; the reaper sends them if the broker is down
 
 
+# ---- what finished since the last run ---------------------------------------------------------------
+def finished_jobs(since: Any) -> list[FinishedJob]:
+    """Nightly and re-score jobs that finished at or after ``since``, oldest first."""
+    from sqlalchemy import select
+
+    from brainscan.db import Job, session_scope
+    from brainscan.results import flag_counts
+
+    with session_scope() as session:
+        jobs = session.scalars(
+            select(Job)
+            .where(Job.source.in_(REPORTED_SOURCES), Job.finished_at >= since)
+            .order_by(Job.finished_at, Job.id)
+        )
+        return [
+            FinishedJob(job.id, job.source, job.status, job.total, job.done, job.failed, flag_counts(job))
+            for job in jobs
+        ]
+
+
 # ---- entry points ----------------------------------------------------------------------------------
 def run_nightly(settings: Settings | None = None, rescore_days: int | None = None) -> NightlyReport:
+    from brainscan.db import utcnow
+
     settings = settings or get_settings()
     report = NightlyReport(settings.resolved_nightly_inbox_dir)
+    report.finished = finished_jobs(utcnow() - REPORT_WINDOW)
     score_inbox(settings, report)
     days = settings.nightly_rescore_days if rescore_days is None else rescore_days
     if days > 0:

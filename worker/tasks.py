@@ -24,12 +24,13 @@ restart during scoring loses nothing; if it stays down longer, the reaper re-sen
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,13 +42,21 @@ from celery_batches import Batches
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
-from brainscan import CLASSES
+from brainscan import CLASSES, jobs
 from brainscan.db import Item, ItemStatus, Job, JobStatus, session_scope, utcnow, with_db_retry
-from brainscan.queue_contract import HEARTBEAT_PREFIX
 from brainscan.queueing import default_publisher, redis_client
 from brainscan.settings import get_settings
 from brainscan.storage import ScanStore
-from worker.celery import REAP_TASK, SCORE_TASK, URGENT_PRIORITY, app
+from brainscan.trust import Verdict
+from brainscan.workers import (
+    BEAT_S,
+    STORAGE_PROBLEM_TTL_S,
+    WorkerBeat,
+    beat_key,
+    restore_orphans,
+    storage_problem_key,
+)
+from worker.celery import QUEUE, REAP_TASK, SCORE_TASK, URGENT_PRIORITY, app
 
 log = logging.getLogger(__name__)
 
@@ -100,44 +109,72 @@ class Outcome:
     id: int
     job_id: str
     status: str
-    probabilities: np.ndarray | None = None
+    verdict: Verdict | None = None  # a scored item: calibrated probabilities, label and flag
     error: str | None = None
     preprocess_ms: float | None = None
     inference_ms: float | None = None
 
 
-def claim(item_ids: Sequence[int]) -> list[Claimed]:
-    """Mark the still-open items ``running`` (attempts+1) and their jobs ``running``; one transaction."""
+def claim(item_ids: Sequence[int], node: str | None = None) -> list[Claimed]:
+    """Mark the still-open items ``running`` (attempts+1, ``worker_id`` = this worker) and their jobs
+    ``running``; one transaction."""
     now = utcnow()
     with session_scope() as session:
+        # One guarded UPDATE ... RETURNING takes the open items (one round trip, not select + update).
         rows = session.execute(
-            select(Item.id, Item.job_id, Item.sha256, Item.attempts, Item.error)
+            update(Item)
             .where(Item.id.in_(item_ids), Item.status.in_(OPEN_STATUSES))
-            .order_by(Item.job_id, Item.position)
+            .values(
+                status=ItemStatus.running.value,
+                started_at=now,
+                attempts=Item.attempts + 1,
+                worker_id=node or worker_id(),
+            )
+            .returning(Item.id, Item.job_id, Item.position, Item.sha256, Item.attempts, Item.error)
+            .execution_options(synchronize_session=False)
         ).all()
         if not rows:
             return []
-        ids = [row.id for row in rows]
-        session.execute(
-            update(Item)
-            .where(Item.id.in_(ids), Item.status.in_(OPEN_STATUSES))
-            .values(status=ItemStatus.running.value, started_at=now, attempts=Item.attempts + 1)
-        )
+        rows.sort(key=lambda row: (row.job_id, row.position))
         session.execute(
             update(Job)
             .where(Job.id.in_({row.job_id for row in rows}), Job.status == JobStatus.queued.value)
             .values(status=JobStatus.running.value, started_at=now)
         )
-        return [Claimed(row.id, row.job_id, row.sha256, row.attempts + 1, row.error) for row in rows]
+        return [Claimed(row.id, row.job_id, row.sha256, row.attempts, row.error) for row in rows]
 
 
 def finalize(outcomes: Iterable[Outcome], model_name: str, model_version: str) -> dict[str, tuple[int, int]]:
     """Write a batch's results in one transaction, idempotently. Returns counted (done, failed) per job."""
     now = utcnow()
     moved: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    flagged: dict[str, Counter[str]] = defaultdict(Counter)
+    outcomes = list(outcomes)
     with session_scope() as session:
+        # One guarded UPDATE ... RETURNING takes the still-open items (PostgreSQL locks their rows,
+        # SQLite holds its write lock, until the commit); a redelivered or duplicated outcome is not
+        # among them. Their results then go out in one executemany: three statements a batch, not one
+        # per item (the per-item UPDATEs were ~0.8 ms an item on SQLite, ~6 on PostgreSQL).
+        open_ids = (
+            set(
+                session.scalars(
+                    update(Item)
+                    .where(Item.id.in_([o.id for o in outcomes]), Item.status.in_(OPEN_STATUSES))
+                    .values(finished_at=now)
+                    .returning(Item.id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            if outcomes
+            else set()
+        )
+        results: list[dict[str, Any]] = []
         for outcome in outcomes:
+            if outcome.id not in open_ids:
+                continue
+            open_ids.discard(outcome.id)  # an id twice in one batch counts once
             values: dict[str, Any] = {
+                "id": outcome.id,
                 "status": outcome.status,
                 "finished_at": now,
                 "error": outcome.error,
@@ -146,26 +183,26 @@ def finalize(outcomes: Iterable[Outcome], model_name: str, model_version: str) -
                 "model_name": model_name,
                 "model_version": model_version,
             }
-            if outcome.probabilities is not None:
-                probabilities = [float(p) for p in outcome.probabilities]
-                best = int(np.argmax(outcome.probabilities))
-                values.update(
-                    label=CLASSES[best],
-                    confidence=probabilities[best],
-                    **{f"prob_{name}": p for name, p in zip(CLASSES, probabilities, strict=True)},
-                )
-            changed = session.execute(
-                update(Item).where(Item.id == outcome.id, Item.status.in_(OPEN_STATUSES)).values(**values)
-            ).rowcount
-            if changed:
-                moved[outcome.job_id][0 if outcome.status == ItemStatus.succeeded.value else 1] += changed
+            if outcome.verdict is not None:
+                values.update(verdict_values(outcome.verdict))
+            results.append(values)
+            moved[outcome.job_id][0 if outcome.status == ItemStatus.succeeded.value else 1] += 1
+            if outcome.verdict is not None and outcome.verdict.flag is not None:
+                flagged[outcome.job_id][outcome.verdict.flag] += 1
+        if results:
+            # ORM bulk UPDATE by primary key: one executemany per set of columns (scored / failed).
+            session.execute(update(Item), results)
         for job_id, (done, failed) in moved.items():
+            flags = flagged[job_id]
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)
                 .values(
                     done=Job.done + done,
                     failed=Job.failed + failed,
+                    # NULL (a job from before flags existed) stays NULL: its count would be partial.
+                    flagged_uncertain=Job.flagged_uncertain + flags["uncertain"],
+                    flagged_out_of_scope=Job.flagged_out_of_scope + flags["out_of_scope"],
                     model_name=case((Job.model_name == "", model_name), else_=Job.model_name),
                     model_version=case((Job.model_version == "", model_version), else_=Job.model_version),
                 )
@@ -178,11 +215,31 @@ def finalize(outcomes: Iterable[Outcome], model_name: str, model_version: str) -
     return {job: (d, f) for job, (d, f) in moved.items()}
 
 
+def verdict_values(verdict: Verdict) -> dict[str, Any]:
+    """An item's result columns from its verdict. An out-of-scope item keeps its probabilities (for
+    audit) but no label and no confidence: there is no answer whose confidence it could be."""
+    out_of_scope = verdict.flag == "out_of_scope"
+    return {
+        "label": None if out_of_scope else verdict.label,
+        "confidence": None if out_of_scope else float(verdict.confidence),
+        "flag": verdict.flag,
+        "flag_reason": verdict.flag_reason,
+        "scope_score": None if verdict.scope_score is None else float(verdict.scope_score),
+        **{f"prob_{name}": float(p) for name, p in zip(CLASSES, verdict.probabilities, strict=True)},
+    }
+
+
 def _close_finished_jobs(session: Session, job_ids: list[str], now: Any) -> list[str]:
     """Close the finished jobs among ``job_ids``; returns those closed here that have a callback_url."""
     closed = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.finished_at.is_(None), Job.done + Job.failed >= Job.total)
+        .where(
+            Job.id.in_(job_ids),
+            Job.finished_at.is_(None),
+            Job.done + Job.failed >= Job.total,
+            # Still receiving: its total is still growing; brainscan.jobs.close_intake closes it.
+            Job.status != JobStatus.receiving.value,
+        )
         .values(
             status=case(
                 (Job.failed == 0, JobStatus.succeeded.value),
@@ -204,7 +261,9 @@ def _store() -> ScanStore:
 def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
     """Score these items (any jobs), write results batch by batch. Returns how many were finalised.
 
-    Items in ``urgent_ids`` (from urgent-lane messages) are scored in the first model batches.
+    Items in ``urgent_ids`` (from urgent-lane messages) are scored in the first model batches. While
+    this worker cannot read storage it claims nothing: the items go back to the queue for another
+    worker (see :func:`release_unreadable`).
     """
     from worker.engine import get_engine
 
@@ -214,7 +273,12 @@ def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
     ids = sorted({int(i) for i in item_ids})
     if not ids:
         return 0
-    claimed = with_db_retry(lambda: claim(ids), "claiming items", settings.db_retry_s)
+    if storage_problem() is not None:
+        # Messages this worker took before it stopped consuming: pass them on, untouched.
+        _send_back(ids, urgent_ids)
+        return 0
+    node = worker_id()
+    claimed = with_db_retry(lambda: claim(ids, node), "claiming items", settings.db_retry_s)
     if not claimed:
         return 0  # duplicate delivery: everything already final (or gone)
     card = engine.card
@@ -237,17 +301,198 @@ def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
     pending = engine.prepare_many([_reader(store, c.sha256) for c in batches[0]]) if batches else None
     for index, batch in enumerate(batches):
         assert pending is not None
+        started = time.perf_counter()
         prepared = pending.result()
+        waited_ms = (time.perf_counter() - started) * 1000.0
         if index + 1 < len(batches):  # decode the next batch while this one is scored
             pending = engine.prepare_many([_reader(store, c.sha256) for c in batches[index + 1]])
+        unreadable = [(c, p) for c, p in zip(batch, prepared, strict=True) if p.unreadable]
+        if unreadable:
+            # Not the scans' fault: back to the queue for another worker, never failed.
+            release_unreadable([c for c, _ in unreadable], urgent, unreadable[0][1].error or "")
+            readable = [(c, p) for c, p in zip(batch, prepared, strict=True) if not p.unreadable]
+            batch, prepared = [c for c, _ in readable], [p for _, p in readable]
+            if not batch:
+                continue
+        started = time.perf_counter()
         outcomes, left_open = _score_prepared(engine, batch, prepared)
+        scored_ms = (time.perf_counter() - started) * 1000.0
+        started = time.perf_counter()
         with_db_retry(
             lambda o=outcomes: finalize(o, card.name, card.version), "writing results", settings.db_retry_s
         )
+        written_ms = (time.perf_counter() - started) * 1000.0
         outcomes_total += len(outcomes)
         if left_open:
             with_db_retry(lambda s=left_open: note_errors(s), "recording model errors", settings.db_retry_s)
+        log_batch(node, f"{card.name}/{card.version}", batch, prepared, outcomes, left_open,
+                  {"decode_ms": sum(p.ms for p in prepared), "decode_wait_ms": waited_ms,
+                   "inference_ms": scored_ms, "write_ms": written_ms})  # fmt: skip
     return outcomes_total
+
+
+def log_batch(
+    node: str,
+    model: str,
+    batch: Sequence[Claimed],
+    prepared: Sequence[Any],
+    outcomes: Sequence[Outcome],
+    left_open: Sequence[tuple[Claimed, str]],
+    stages_ms: dict[str, float],
+) -> None:
+    """One INFO line per scored model batch: what an operator needs to see the worker working.
+
+    ``decode_ms`` is the read+decode time summed over the batch's scans (on the decode threads,
+    overlapped with the previous batch's inference); ``decode_wait_ms`` how long scoring waited for
+    it; ``inference_ms`` the model call(s); ``write_ms`` the results' transaction.
+    """
+    job_ids = sorted({c.job_id for c in batch})
+    failed = sum(1 for o in outcomes if o.status != ItemStatus.succeeded.value)
+    log.info(
+        "scored a batch of %d scan(s) from %d job(s) in %.0f ms",
+        len(batch),
+        len(job_ids),
+        sum(stages_ms.values()) - stages_ms["decode_ms"],
+        extra={
+            "event": "batch_scored",
+            "worker_id": node,
+            "items": len(batch),
+            "jobs": len(job_ids),
+            "job_ids": job_ids,
+            "failed": failed,
+            "left_open": len(left_open),
+            "model": model,
+            **{name: round(ms, 1) for name, ms in stages_ms.items()},
+        },
+    )
+
+
+# ---- storage that cannot be read ------------------------------------------------------------------
+# A scan that cannot be *read* (permissions, a missing or failing volume) says nothing about the scan:
+# the item goes back to the queue with its attempt not counted, the worker stops taking scoring work
+# and says so in its heartbeat (/readyz, /metrics), and its heartbeat thread probes storage until it
+# can read again, then resumes. Another worker that can read storage scores the items meanwhile.
+_storage_problem: str | None = None  # this process's view; the Redis key is every process's
+
+
+def storage_problem() -> str | None:
+    """Why this worker cannot read storage now (an error type), or None.
+
+    The Redis key is the truth (the heartbeat clears it, possibly in another process of a prefork
+    worker); this process's own flag stands in while Redis cannot be asked.
+    """
+    try:
+        raw = _redis().get(storage_problem_key(worker_id()))
+    except Exception:
+        return _storage_problem
+    return str(json.loads(raw)["error"]) if raw else None
+
+
+_REDIS: dict[str, Any] = {}
+
+
+def _redis() -> Any:
+    """This process's Redis client for the broker URL (asked once per flush: keep the connection)."""
+    url = get_settings().broker_url
+    if url not in _REDIS:
+        _REDIS[url] = redis_client(url, timeout=2)
+    return _REDIS[url]
+
+
+def release_unreadable(items: Sequence[Claimed], urgent: set[int], error: str) -> None:
+    """Put items whose scans could not be read back to ``queued`` (the attempt does not count), send
+    them again, and take this worker off scoring until storage reads again."""
+    global _storage_problem
+    settings = get_settings()
+    ids = [c.id for c in items]
+
+    def release() -> None:
+        with session_scope() as session:
+            session.execute(
+                update(Item)
+                .where(Item.id.in_(ids), Item.status == ItemStatus.running.value)
+                .values(status=ItemStatus.queued.value, attempts=Item.attempts - 1, started_at=None)
+            )
+
+    with_db_retry(release, "releasing unreadable items", settings.db_retry_s)
+    node = worker_id()
+    first = _storage_problem is None
+    _storage_problem = error.split(":", 1)[0] or "OSError"  # the error type (see ScanStore.read)
+    with contextlib.suppress(Exception):
+        problem = {"error": _storage_problem, "sha256": items[0].sha256, "since": time.time()}
+        _redis().set(storage_problem_key(node), json.dumps(problem), ex=STORAGE_PROBLEM_TTL_S)
+    if first:
+        log.error(
+            "storage unreadable (%s): this worker stops scoring until it can read it again; "
+            "the API and every worker must share the storage volume and its owner",
+            error,
+            extra={"event": "storage_unreadable", "worker_id": node, "error_type": _storage_problem},
+        )
+        _pause_scoring(node)
+    log.warning(
+        "sent %d item(s) back to the queue: storage unreadable here",
+        len(ids),
+        extra={"event": "items_released", "worker_id": node, "items": len(ids)},
+    )
+    _send_back(ids, urgent)
+
+
+def _send_back(ids: Sequence[int], urgent: Iterable[int]) -> None:
+    urgent_set = set(urgent)
+    first = [i for i in ids if i in urgent_set]
+    rest = [i for i in ids if i not in urgent_set]
+    publisher = default_publisher()
+    for group, priority in ((first, URGENT_PRIORITY), (rest, None)):
+        if group:
+            try:
+                publisher.publish(group, priority)
+            except Exception as exc:  # the broker is down: the reaper re-sends them (they are queued)
+                log.warning("could not send %d item(s) back: %s", len(group), type(exc).__name__)
+
+
+def _pause_scoring(node: str) -> None:
+    # A control message to this worker's own consumer, processed once the current task returns.
+    with contextlib.suppress(Exception):
+        app.control.cancel_consumer(QUEUE, destination=[node], reply=False)
+
+
+def _resume_scoring(node: str) -> None:
+    with contextlib.suppress(Exception):
+        app.control.add_consumer(QUEUE, destination=[node], reply=False)
+
+
+def storage_readable(store: ScanStore, sha256: str | None) -> bool:
+    """The heartbeat's probe: the scans folder lists and the scan that failed reads (or is gone)."""
+    try:
+        if not store.scans_dir.is_dir():
+            return False
+        os.listdir(store.scans_dir)
+        if sha256:
+            with contextlib.suppress(FileNotFoundError), open(store.path_for(sha256), "rb") as f:
+                f.read(1)
+        return True
+    except OSError:
+        return False
+
+
+def check_storage_problem(client: Any, node: str) -> str | None:
+    """Heartbeat side: probe storage if a scoring process reported a problem; clear it once readable."""
+    global _storage_problem
+    raw = client.get(storage_problem_key(node))
+    if not raw:
+        return None
+    problem = json.loads(raw)
+    if storage_readable(_store(), problem.get("sha256")):
+        client.delete(storage_problem_key(node))
+        _storage_problem = None
+        log.info(
+            "storage readable again: this worker scores again",
+            extra={"event": "storage_readable", "worker_id": node},
+        )
+        _resume_scoring(node)
+        return None
+    client.expire(storage_problem_key(node), STORAGE_PROBLEM_TTL_S)
+    return str(problem.get("error") or "OSError")
 
 
 def _gave_up(item: Claimed) -> str:
@@ -308,8 +553,10 @@ def _score_prepared(
                     left_open.append((item, f"model call failed on this scan: {type(single).__name__}"))
         per_item_ms = (time.perf_counter() - started) * 1000.0 / len(good)
         for (item, p), verdict in scored:
-            row = verdict.probabilities  # issue 11: flag, flag_reason, scope_score, label are on verdict
-            if not np.all(np.isfinite(row)):
+            score = verdict.scope_score
+            # NaN/inf have no JSON form and mean nothing: the scan fails alone, with a reason.
+            finite = np.all(np.isfinite(verdict.probabilities)) and (score is None or np.isfinite(score))
+            if not finite:
                 outcomes.append(
                     Outcome(
                         item.id,
@@ -324,7 +571,7 @@ def _score_prepared(
                     item.id,
                     item.job_id,
                     ItemStatus.succeeded.value,
-                    probabilities=row,
+                    verdict=verdict,
                     preprocess_ms=p.ms,
                     inference_ms=per_item_ms,
                 )
@@ -360,6 +607,20 @@ REAP_LIMIT = 10_000  # items per run; a backlog larger than this drains over sev
 NEVER_ENQUEUED_GRACE_S = 5  # the API stamps enqueued_at right after commit; do not race it
 
 
+def close_abandoned_intakes(now: Any = None) -> list[str]:
+    """Mark jobs stuck in ``receiving`` for ``stale_after_s`` (brainscan.jobs); notify closed ones."""
+    with session_scope() as session:
+        closed = jobs.close_abandoned_intakes(session, get_settings().stale_after_s, now)
+        for job in closed:
+            log.warning(
+                "job %s: intake was interrupted; marked %s", job.id, job.status, extra={"job_id": job.id}
+            )
+        final = [job.id for job in closed if job.finished_at is not None and job.callback_url]
+    if final:
+        default_publisher().notify_jobs(final)
+    return [job.id for job in closed]
+
+
 def find_stranded(now: Any = None) -> list[int]:
     settings = get_settings()
     now = now or utcnow()
@@ -381,11 +642,14 @@ def find_stranded(now: Any = None) -> list[int]:
 
 @app.task(name=REAP_TASK, ignore_result=True, acks_late=False)
 def reap() -> int:
-    """Re-send items stranded by a broker outage at submit time or by a worker that died."""
+    """Re-send items stranded by a broker outage at submit time or by a worker that died, and close
+    the intake of jobs whose API process died while reading their upload (they say so)."""
+    with_db_retry(close_abandoned_intakes, "closing abandoned intakes", get_settings().db_retry_s)
     ids = with_db_retry(find_stranded, "finding stranded items", get_settings().db_retry_s)
     if ids:
         log.info("reaper: re-sending %d stranded item(s)", len(ids))
         default_publisher().enqueue_items(ids)
+    restore_orphans(get_settings())  # a dead worker's unacked messages, without waiting for Kombu
     return len(ids)
 
 
@@ -408,21 +672,68 @@ def _load_model(**_: Any) -> None:
     _load_engine_or_exit()
 
 
-class Heartbeat(threading.Thread):
-    """Writes ``brainscan:worker:<host>`` with a TTL, so /readyz sees a worker busy in a long batch."""
+def worker_id() -> str:
+    """This worker's id: its Celery node name (``brainscan-<pid>@<host>`` by default), stored on the
+    items it scores and named in its log lines; ``<host>:<pid>`` outside a Celery worker."""
+    return _node or f"{socket.gethostname()}:{os.getpid()}"
 
-    def __init__(self, hostname: str, every_s: float = 5.0) -> None:
+
+_node: str | None = None
+
+
+@signals.celeryd_after_setup.connect
+def _remember_node(sender: Any = None, **_: Any) -> None:
+    # Sent in the main process before any pool child forks, so the children inherit it.
+    global _node
+    _node = str(sender) if sender else None
+
+
+class Heartbeat(threading.Thread):
+    """Every ``BEAT_S``: this worker's beat (``brainscan.workers.WorkerBeat``) with a TTL of three beats.
+
+    From its own thread, so a worker busy in a long batch still counts for /readyz. Each beat lists
+    the messages the worker holds unacknowledged (so others can tell a dead worker's messages from
+    a live one's), carries the storage probe's verdict, and every third beat gives back messages
+    that no live worker holds (``restore_orphans``: a dead worker's, in seconds rather than after
+    the visibility timeout).
+    """
+
+    RESTORE_EVERY = 3
+
+    def __init__(self, node: str, consumer: Any = None, every_s: float = BEAT_S) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.key = f"{HEARTBEAT_PREFIX}{hostname}"
+        self.node = node
+        self.pid = os.getpid()
+        self.key = beat_key(node, self.pid)
+        self.consumer = consumer
         self.every_s = every_s
         self.stopped = threading.Event()
 
+    def held(self) -> frozenset[str]:
+        """Delivery tags of the messages this worker holds unacked (read from another thread: retried)."""
+        for _ in range(3):
+            try:
+                qos = self.consumer.task_consumer.channel.qos
+                return frozenset(str(tag) for tag in list(qos._delivered))
+            except RuntimeError:  # the dict changed size while copied
+                continue
+            except AttributeError:  # no consumer (yet), or a transport without QoS bookkeeping
+                break
+        return frozenset()
+
     def run(self) -> None:
-        client = redis_client(get_settings().broker_url, timeout=2)
+        settings = get_settings()
+        client = redis_client(settings.broker_url, timeout=2)
+        beats = 0
         while not self.stopped.is_set():
             # Broker down: the worker itself reconnects; keep trying quietly.
             with contextlib.suppress(Exception):
-                client.set(self.key, str(os.getpid()), ex=int(self.every_s * 3))
+                problem = check_storage_problem(client, self.node)
+                beat = WorkerBeat(self.node, self.pid, time.time(), problem, self.held())
+                client.set(self.key, beat.dumps(), ex=int(self.every_s * 3))
+            beats += 1
+            if beats % self.RESTORE_EVERY == 0:
+                restore_orphans(settings)
             self.stopped.wait(self.every_s)
         with contextlib.suppress(Exception):
             client.delete(self.key)
@@ -434,9 +745,10 @@ _heartbeat: Heartbeat | None = None
 @signals.worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat
-    hostname = getattr(sender, "hostname", None) or socket.gethostname()
-    _heartbeat = Heartbeat(f"{hostname}:{os.getpid()}")
+    node = getattr(sender, "hostname", None) or _node or socket.gethostname()
+    _heartbeat = Heartbeat(str(node), consumer=sender)
     _heartbeat.start()
+    restore_orphans(get_settings())  # a restarted worker picks up what its predecessor held
 
 
 @signals.worker_shutdown.connect

@@ -12,12 +12,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, PublisherDep, SessionDep, SettingsDep, StoreDep
+from api.deps import CallerDep, PublisherDep, SessionDep, SettingsDep, StoreDep, SubmitterDep
 from api.schemas import JobAccepted, JobList, JobOut, Problem
-from api.upload import MalformedUpload, SpooledForm, UploadTooLarge, spool_multipart
+from api.upload import (
+    MalformedUpload,
+    SpooledForm,
+    TooManyFiles,
+    UploadTimeout,
+    UploadTooLarge,
+    spool_multipart,
+)
 from brainscan import intake, results
 from brainscan.db import ApiKey, Job
 from brainscan.settings import Settings
+from brainscan.webhooks import DestinationPolicy
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -60,12 +68,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     responses={
         **ERRORS,
         400: {"model": Problem, "description": "Malformed multipart body, or no files."},
-        413: {"model": Problem, "description": "Request body over the size cap; nothing stored."},
+        408: {"model": Problem, "description": "Body too slow (a pause or the whole); nothing stored."},
+        413: {"model": Problem, "description": "Body over the size cap or too many files; nothing stored."},
+        429: {"model": Problem, "description": "The key's daily quota is used up; see Retry-After."},
     },
 )
 async def submit_job(
     request: Request,
-    caller: CallerDep,
+    caller: SubmitterDep,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -79,7 +89,7 @@ async def submit_job(
                 status.HTTP_400_BAD_REQUEST,
                 detail="no files: send one or more multipart fields named 'files'",
             )
-        callback_url = _callback_url(form.fields.get("callback_url"))
+        callback_url = _callback_url(form.fields.get("callback_url"), settings)
         try:
             submitted = await run_in_threadpool(
                 intake.submit_job,
@@ -104,7 +114,8 @@ async def submit_job(
         # Best effort: GET gradcam.png computes on demand anyway.
         ids = await run_in_threadpool(results.stored_item_ids, session, job.id)
         await run_in_threadpool(publisher.request_heatmaps, ids)
-    status_url = str(request.url_for("get_job", job_id=job.id))
+    # From configuration, never from the request's Host header (a client could name any host).
+    status_url = settings.resolved_public_url + request.app.url_path_for("get_job", job_id=job.id)
     body = {
         "id": job.id,
         "status": job.status,
@@ -120,8 +131,26 @@ async def _spool(request: Request, settings: Settings, tmp_dir: Path) -> Spooled
     """The multipart body on disk, or 413 (over the cap) / 400 (malformed); nothing left behind."""
     try:
         return await spool_multipart(
-            request, tmp_dir, settings.max_request_bytes, max_parts=settings.max_items_per_job
+            request,
+            tmp_dir,
+            settings.max_request_bytes,
+            max_files=settings.max_items_per_job,
+            timeout_s=settings.upload_timeout_s,
+            idle_timeout_s=settings.upload_idle_timeout_s,
         )
+    except TooManyFiles as exc:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            detail=f"{exc}: the limit is {settings.max_items_per_job} files per request "
+            "(BRAINSCAN_MAX_ITEMS_PER_JOB); nothing was stored",
+        ) from None
+    except UploadTimeout:
+        raise HTTPException(
+            status.HTTP_408_REQUEST_TIMEOUT,
+            detail=f"upload too slow: the body must arrive within {settings.upload_timeout_s:g} s, with no "
+            f"pause over {settings.upload_idle_timeout_s:g} s (BRAINSCAN_UPLOAD_TIMEOUT_S, "
+            "BRAINSCAN_UPLOAD_IDLE_TIMEOUT_S); nothing was stored",
+        ) from None
     except UploadTooLarge as exc:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
@@ -136,13 +165,21 @@ def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _callback_url(value: str | None) -> str | None:
+def _callback_url(value: str | None, settings: Settings) -> str | None:
     if value is None or not value.strip():
         return None
     value = value.strip()
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or len(value) > 2000:
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and len(value) <= 2000
+    except ValueError:
+        valid = False
+    if not valid:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="callback_url must be an http(s) URL")
+    # A literal internal address is refused now; a host name again at each send (brainscan.webhooks).
+    problem = DestinationPolicy.parse(settings.webhook_allow).submit_problem(value)
+    if problem is not None:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=problem)
     return value
 
 
@@ -175,11 +212,22 @@ def get_job(
     job_id: str,
     caller: CallerDep,
     session: SessionDep,
-    offset: int = Query(0, ge=0, le=10**9, description="First item to return (upload order)."),
+    offset: int = Query(0, ge=0, le=10**9, description="First item to return (of those `flag` selects)."),
     limit: int = Query(100, ge=0, le=1000, description="Items per page; 0 for counts only."),
+    flag: results.FlagFilter | None = Query(
+        None,
+        description="Only items with this flag: `uncertain`, `out_of_scope`, `any` (either) or `none` "
+        "(not flagged, including failed and pending items). Absent: every item.",
+    ),
+    order: results.ItemOrder = Query(
+        "position",
+        description="`position` (upload order), `confidence` (lowest first) or `-confidence` (highest "
+        "first); items without a confidence (failed, pending, out of scope) come last.",
+    ),
 ) -> dict[str, Any]:
-    """A job's status, counts and one page of its items."""
-    return results.job_to_dict(session, _own_job(session, caller, job_id), offset, limit)
+    """A job's status, counts (with per-flag counts) and one page of its items."""
+    job = _own_job(session, caller, job_id)
+    return results.job_to_dict(session, job, offset, limit, flag=flag, order=order)
 
 
 @router.get(

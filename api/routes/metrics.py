@@ -9,11 +9,15 @@ lost when a process restarts: a fresh ``CollectorRegistry`` is filled per scrape
 ``brainscan_queue_depth{queue}``            gauge    messages waiting in the Celery queue (LLEN; each message
                                                      holds up to BRAINSCAN_ENQUEUE_CHUNK item ids)
 ``brainscan_workers``                       gauge    workers whose heartbeat key is alive
+``brainscan_workers_unhealthy{reason}``     gauge    of those, workers that cannot score (``storage``: they
+                                                     cannot read the scan store; they take no work)
 ``brainscan_items{status}``                 gauge    items by status (queued, running, succeeded, failed)
 ``brainscan_jobs{status}``                  gauge    jobs by status
-``brainscan_item_failures{reason}``         gauge    failed items by reason (error text before its first ':',
-                                                     top 20, the rest as ``other``)
+``brainscan_item_failures{reason}``         gauge    failed items by reason code (a fixed set,
+                                                     ``FAILURE_REASONS``; never text from an error)
 ``brainscan_scans_scored_total``            counter  items scored successfully, ever (use ``rate()``)
+``brainscan_items_flagged_total{flag}``     counter  scored items flagged, ever, by flag: ``uncertain`` and
+                                                     ``out_of_scope`` (both always present)
 ``brainscan_scans_scored_last_minute``      gauge    items scored with finished_at in the last 60 s
 ``brainscan_oldest_queued_age_seconds``     gauge    age of the oldest item still queued (0 when none)
 ``brainscan_stage_latency_seconds{stage}``  summary  preprocess / inference time per item over the latest
@@ -22,14 +26,16 @@ lost when a process restarts: a fresh ``CollectorRegistry`` is filled per scrape
 ==========================================  =======  ========================================================
 
 Unauthenticated, like most scrape targets: it exposes counts only, never ids, names or scan data.
+Failure reasons in particular are codes chosen in SQL from a fixed table (``REASON_CODES``): an item
+error may quote a limit or a header field's name, and what a label can hold must not depend on what
+an upload contained.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -37,32 +43,63 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from brainscan.db import Item, ItemStatus, Job, JobStatus
 from brainscan.queue_contract import QUEUE, priority_lists
 from brainscan.queueing import count_heartbeats, redis_client
 from brainscan.settings import Settings
+from brainscan.workers import read_beats
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 QUANTILES = (0.5, 0.9, 0.99)
-TOP_REASONS = 20
-REASON_CHARS = 80
 REDIS_TIMEOUT_S = 1.0
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+# Item error -> reason code: the first row whose phrases occur in the (lower-cased) error wins; no
+# error text is ever a label. ``unknown``: a failed item without an error; ``other``: none matched.
+REASON_CODES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("gave_up", ("gave up after",)),  # quotes the last error: must come first
+    ("intake_interrupted", ("intake stopped",)),
+    ("job_full", ("job reached its limit",)),
+    ("model_error", ("model call failed", "non-finite")),
+    ("scan_missing", ("no stored bytes", "missing")),
+    (
+        "archive_entry_refused",
+        ("link in archive", "special file", "sparse file", "encrypted", "nested archive"),
+    ),
+    (
+        "too_large",
+        (
+            "larger than",
+            "more pixels than",
+            "too large",
+            "limit of",
+            "over the limit",
+            "budget",
+            "too many",
+            "exceed",
+        ),
+    ),
+    ("empty", ("empty", "no pixel data", "non-blank", "without an image")),
+    ("unsupported", ("unsupported", "not supported", "4-d nifti", "multi-frame", "one frame per scan")),
+    (
+        "corrupt",
+        ("cannot decode", "corrupt", "damaged", "truncated", "unreadable", "cannot read", "not a readable"),
+    ),
+)
+FAILURE_REASONS = (*(code for code, _ in REASON_CODES), "unknown", "other")
 
 
-def failure_reason(error: str | None) -> str:
-    """The part of an item's error before its first ':' (what failed, without the particulars).
-
-    Numbers become ``N`` ("image is NxN pixels, over the limit of N"), so that sizes and limits
-    quoted by errors without a ':' do not make one label value per item.
-    """
-    reason = _NUMBER.sub("N", (error or "unknown").split(":", 1)[0]).strip()
-    return reason[:REASON_CHARS] or "unknown"
+def reason_code_sql(error: Any) -> Any:
+    """A SQL expression mapping an item's error to its code (the same on SQLite and PostgreSQL)."""
+    lowered = func.lower(error)
+    whens = [
+        (or_(*(lowered.like(f"%{phrase}%") for phrase in phrases)), code) for code, phrases in REASON_CODES
+    ]
+    return case((error.is_(None), "unknown"), *whens, else_="other")
 
 
 class DatabaseCollector(Collector):
@@ -90,8 +127,19 @@ class DatabaseCollector(Collector):
         scored.add_metric([], item_counts.get(ItemStatus.succeeded.value, 0))
         yield scored
 
+        # Summed from the jobs' counters (kept with done/failed), not by scanning every item.
+        flagged = CounterMetricFamily(
+            "brainscan_items_flagged", "Scored items flagged, by flag.", labels=["flag"]
+        )
+        uncertain, out_of_scope = session.execute(
+            select(func.sum(Job.flagged_uncertain), func.sum(Job.flagged_out_of_scope))
+        ).one()
+        for flag, total in (("uncertain", uncertain), ("out_of_scope", out_of_scope)):
+            flagged.add_metric([flag], int(total or 0))
+        yield flagged
+
         failures = GaugeMetricFamily(
-            "brainscan_item_failures", "Failed items by reason (error text before ':').", labels=["reason"]
+            "brainscan_item_failures", "Failed items by reason code.", labels=["reason"]
         )
         for reason, count in self._failure_reasons():
             failures.add_metric([reason], count)
@@ -120,23 +168,10 @@ class DatabaseCollector(Collector):
         yield self._latencies()
 
     def _failure_reasons(self) -> list[tuple[str, int]]:
-        # Grouped by prefix in SQL: error texts can be unique per item (they may quote the file),
-        # so grouping by the whole text could return one row per failed item.
-        error = func.coalesce(Item.error, "unknown")
-        if self.session.get_bind().dialect.name == "postgresql":
-            prefix = func.split_part(error, ":", 1)
-        else:
-            prefix = func.substr(error, 1, func.instr(error.concat(":"), ":") - 1)
+        code = reason_code_sql(Item.error)
         failed = Item.status == ItemStatus.failed.value
-        rows = self.session.execute(select(prefix, func.count()).where(failed).group_by(prefix)).all()
-        counts: Counter[str] = Counter()
-        for error, count in rows:
-            counts[failure_reason(error)] += count
-        top = counts.most_common(TOP_REASONS)
-        rest = sum(counts.values()) - sum(count for _, count in top)
-        if rest:
-            top.append(("other", rest))
-        return top
+        counts = dict(self.session.execute(select(code, func.count()).where(failed).group_by(code)).all())
+        return [(reason, int(counts.get(reason, 0))) for reason in FAILURE_REASONS]
 
     def _latencies(self) -> SummaryMetricFamily:
         window = self.settings.metrics_latency_window
@@ -179,6 +214,7 @@ class BrokerCollector(Collector):
                 for name in priority_lists(QUEUE):
                     pipe.llen(name)
                 depth = sum(int(n) for n in pipe.execute())
+                beats = read_beats(client)  # each worker's latest heartbeat, with its health
             finally:
                 client.close()
             workers = count_heartbeats(self.settings.broker_url, REDIS_TIMEOUT_S)
@@ -194,6 +230,11 @@ class BrokerCollector(Collector):
         queue.add_metric([QUEUE], depth)
         yield queue
         yield GaugeMetricFamily("brainscan_workers", "Workers with a live heartbeat.", value=workers)
+        unhealthy = GaugeMetricFamily(
+            "brainscan_workers_unhealthy", "Live workers that cannot score, by why.", labels=["reason"]
+        )
+        unhealthy.add_metric(["storage"], sum(1 for beat in beats if beat.storage is not None))
+        yield unhealthy
 
 
 @router.get("/metrics", response_class=Response, include_in_schema=True)

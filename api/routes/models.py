@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from api.deps import CallerDep, SettingsDep
 from api.schemas import Problem, ServedModel
 from brainscan.modelrepo import ModelNotFound, resolve_model
+from brainscan.variants import choose_variant
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -22,7 +23,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     },
 )
 def served_model(_caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
-    """The model being served: name, version, classes, input contract and metrics."""
+    """The model being served: name, version, classes, input contract, metrics, and which variant
+    (fp32 SavedModel or int8 TFLite) this machine serves and why."""
     try:
         ref = resolve_model(settings.model_dir, settings.model_name, settings.model_version)
     except (ModelNotFound, OSError, ValueError) as exc:
@@ -42,6 +44,7 @@ def served_model(_caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
         },
         "architecture": card.architecture,
         "format": card.format,
+        "variant": choose_variant(card, ref.path, settings.model_format).as_dict(),
         "card_less": card.card_less,
         "metrics": card.metrics,
         "created_at": card.created_at,

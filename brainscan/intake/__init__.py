@@ -10,10 +10,15 @@ The API, the nightly inbox scan and tests all go through here. The rules:
 * Archives are read as streams, member by member. Nothing is ever extracted to a path: a member's
   name (``../../etc/passwd``, ``/abs``, control characters) is display data only, and each scan is
   stored under its SHA-256 by :class:`~brainscan.storage.ScanStore`.
-* Every byte read out of an archive is counted as it is read (headers are not trusted), against
-  ``max_scan_bytes`` per scan and ``max_expanded_bytes`` per request, so a zip bomb costs at most
-  the limit. Entries per archive (``max_archive_entries``) are counted before a zip is opened (its
-  central directory is walked without building objects) and while a tar streams.
+* Archives are read by bounded code: a tar stream by our own linear parser
+  (:func:`~brainscan.intake.archives.tar_members`: extended headers capped in size and count, so
+  ``tarfile``'s quadratic pax regex and its recursion are never reached), a zip's central directory
+  counted before ``zipfile`` opens it.
+* One budget per request (:class:`~brainscan.intake.expansion.RequestBudget`) counts every
+  decompressed byte (skipped members, tar headers and ``.nii.gz`` voxels included), every archive
+  entry examined, the bytes of scans stored and the CPU time spent; headers are never trusted.
+* Junk is refused before it is stored: a scan's header must parse (format, dimensions, mode) within
+  its first 256 KiB and its size must be one its pixels could need (:func:`brainscan.imaging.scan_header`).
 * Limits truncate, they do not fail the request: whatever could not be read becomes one failed item
   that says which limit stopped it and which setting raises it.
 * An archive over the entry limit, an empty archive, a nested archive, a link, a device file or an
@@ -29,7 +34,7 @@ The modules: ``sniffing`` (what a file is), ``names`` (client file names as disp
 and ``submit`` (the job transaction, then the enqueue).
 """
 
-from brainscan.intake.expansion import Intake, IntakeLimits, expand_uploads
+from brainscan.intake.expansion import Intake, IntakeLimits, RequestBudget, expand_uploads
 from brainscan.intake.names import MAX_FILENAME_CHARS, sanitize_filename
 from brainscan.intake.sniffing import describe_unsupported, sniff
 from brainscan.intake.submit import Submitted, submit_job
@@ -40,6 +45,7 @@ __all__ = [
     "Intake",
     "IntakeEntry",
     "IntakeLimits",
+    "RequestBudget",
     "Submitted",
     "describe_unsupported",
     "expand_uploads",

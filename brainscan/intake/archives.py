@@ -1,23 +1,25 @@
-"""Low-level guards for reading untrusted zip and tar archives as streams.
+"""Low-level readers for untrusted zip and tar archives, read as streams.
 
-Nothing here stores anything: these bound what ``tarfile`` and ``zipfile`` may read or seek, and
-count a zip's entries before ``zipfile`` builds one object per entry.
+Nothing here stores anything. A tar stream is parsed by our own code (:func:`tar_members`), linear
+in its size: ``tarfile``'s pax-header regex is quadratic on long digit runs on CPython before
+3.11.10 / 3.12.6 (CVE-2024-6232), recurses once per chained extended header, and would read a header
+of any declared size in one call. A zip's central directory is walked to count its entries before
+``zipfile`` builds one object per entry.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zipfile
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
 
 from brainscan.intake.names import sanitize_filename
 
 # A zip's central directory is read into memory by zipfile; legitimate ones are far smaller.
 MAX_CENTRAL_DIRECTORY_BYTES = 64 * 1024 * 1024
-# tarfile reads a pax or GNU long-name header in one read(); a real one is a few hundred bytes.
-MAX_TAR_HEADER_READ = 8 * 1024 * 1024
 # The zip records read to find the central directory (PKWARE APPNOTE 4.3.12, 4.3.14-16).
 EOCD = struct.Struct("<4s4H2LH")  # end of central directory: ..., size, offset, comment length
 ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # ..., entries here, entries, size, offset
@@ -25,48 +27,197 @@ ZIP64_LOCATOR_SIZE = 20
 CENTRAL_HEADER = struct.Struct("<4s6H3L5H2L")  # one central directory file header (46 bytes)
 MAX_ZIP_COMMENT = 0xFFFF
 
+TAR_BLOCK = 512
+# A pax or GNU long-name header holds a path and a few attributes: a real one is a few hundred bytes.
+MAX_TAR_EXTENDED_HEADER_BYTES = 16 * 1024
+# Extended headers before one member: pax global + pax + GNU long link + GNU long name at most.
+MAX_TAR_EXTENDED_HEADERS = 4
+_TAR_FILE_TYPES = (b"0", b"\0", b"7")  # regular, old regular, contiguous
+_TAR_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directory, fifo
+_PAX_KEYS = (b"path", b"linkpath", b"size")  # the only pax records that matter here
+TarKind = Literal["file", "dir", "link", "special", "sparse"]
+
 
 class ExpansionBudgetSpent(Exception):
     """The request's ``max_expanded_bytes`` is used up."""
 
 
 class BadArchive(Exception):
-    """The archive is malformed in a way the guards refuse to follow."""
+    """The archive is malformed in a way the readers refuse to follow (the message is a fixed reason)."""
 
 
-class GuardedReader(io.RawIOBase):
-    """A tar stream that refuses the two ways tarfile could be made to use unbounded resources.
+@dataclass(frozen=True)
+class TarMember:
+    name: str
+    kind: TarKind
+    size: int  # bytes of data that follow the header
 
-    tarfile reads a pax or GNU long-name header with one ``read(size)`` of its declared size, and
-    skips unread member data by seeking (which, in a gzip stream, means decompressing it). So: no
-    single read over ``MAX_TAR_HEADER_READ``, and no position past the request's expansion budget
-    plus room for headers.
+
+Spend = Callable[[int], None]
+
+
+def tar_members(raw: BinaryIO, spend: Spend) -> Iterator[tuple[TarMember, BinaryIO]]:
+    """Each member of a tar stream with a reader of its data, in one linear pass.
+
+    Every byte read (headers, member data, padding, data a caller left unread) is passed to
+    ``spend`` first, which may raise to stop the archive. Extended headers (pax ``x``/``g``, GNU
+    ``L``/``K``) are refused over ``MAX_TAR_EXTENDED_HEADER_BYTES`` or more than
+    ``MAX_TAR_EXTENDED_HEADERS`` in a row; a bad checksum, a malformed number or pax record, or a
+    stream that ends inside a member is :class:`BadArchive`. The stream ends at its first zero block
+    (or at its end, between members).
     """
+    stream = _TarStream(raw, spend)
+    global_pax: dict[bytes, bytes] = {}
+    pending: dict[bytes, bytes] = {}
+    extended = 0
+    while True:
+        block = stream.read_exact(TAR_BLOCK, at_boundary=True)
+        if not block or not any(block):
+            return
+        typeflag, size = _checked_header(block)
+        if typeflag in (b"x", b"g", b"L", b"K"):
+            extended += 1
+            if extended > MAX_TAR_EXTENDED_HEADERS:
+                raise BadArchive(f"more than {MAX_TAR_EXTENDED_HEADERS} tar extended headers in a row")
+            if size > MAX_TAR_EXTENDED_HEADER_BYTES:
+                raise BadArchive(f"tar extended header larger than {MAX_TAR_EXTENDED_HEADER_BYTES} bytes")
+            data = stream.read_exact(_padded(size))[:size]
+            if typeflag == b"x":
+                pending.update(_pax_records(data))
+            elif typeflag == b"g":
+                global_pax.update(_pax_records(data))
+            else:
+                pending[b"path" if typeflag == b"L" else b"linkpath"] = data.split(b"\0", 1)[0]
+            continue
+        extended = 0
+        fields = {**global_pax, **pending}
+        pending = {}
+        member = _member(block, typeflag, size, fields)
+        data_size = 0 if typeflag in _TAR_NO_DATA_TYPES else member.size
+        reader = _MemberReader(stream, data_size)
+        yield member, reader  # type: ignore[misc]
+        stream.skip(reader.remaining + _padded(data_size) - data_size)
 
-    def __init__(self, raw: BinaryIO, budget: int) -> None:
+
+class _TarStream:
+    """The decompressed tar bytes, each counted by ``spend`` before it is read."""
+
+    def __init__(self, raw: BinaryIO, spend: Spend) -> None:
         self.raw = raw
-        self.limit = max(budget, 0) + 64 * 1024 * 1024
+        self.spend = spend
 
-    def readable(self) -> bool:
-        return True
+    def read_exact(self, n: int, *, at_boundary: bool = False) -> bytes:
+        self.spend(n)
+        data = self.raw.read(n)
+        while len(data) < n and (more := self.raw.read(n - len(data))):
+            data += more
+        if len(data) < n and not (at_boundary and not data):
+            raise BadArchive("archive ends inside a member")
+        return data
 
-    def seekable(self) -> bool:
-        return True
+    def skip(self, n: int) -> None:
+        while n > 0:
+            step = min(n, 1024 * 1024)
+            self.read_exact(step)
+            n -= step
 
-    def tell(self) -> int:
-        return self.raw.tell()
 
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET and offset > self.limit:
-            raise ExpansionBudgetSpent
-        return self.raw.seek(offset, whence)
+class _MemberReader:
+    """A file-like view of one member's data; reads past its end return nothing."""
 
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        if size is None or size < 0 or size > MAX_TAR_HEADER_READ:
-            raise BadArchive("tar header or read larger than allowed")
-        if self.raw.tell() + size > self.limit:
-            raise ExpansionBudgetSpent
-        return self.raw.read(size)
+    def __init__(self, stream: _TarStream, size: int) -> None:
+        self.stream = stream
+        self.remaining = size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.remaining:
+            n = self.remaining
+        if n == 0:
+            return b""
+        data = self.stream.read_exact(n)
+        self.remaining -= n
+        return data
+
+
+def _padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def _checked_header(block: bytes) -> tuple[bytes, int]:
+    """(typeflag, size) of a header block whose checksum holds (unsigned or signed, as tar allows)."""
+    stored = _number(block[148:156])
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b >= 0x80)
+    if stored not in (unsigned, signed):
+        raise BadArchive("bad tar header checksum")
+    return block[156:157], _number(block[124:136])
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal digits (NUL/space padded) or GNU base-256."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":
+        raise BadArchive("negative number in tar header")
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if not digits:
+        return 0
+    if not all(0x30 <= b <= 0x37 for b in digits):
+        raise BadArchive("malformed number in tar header")
+    return int(digits, 8)
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax header that matter here ("LENGTH KEY=VALUE\\n" each), parsed linearly.
+
+    Any GNU sparse record marks the member as sparse; every other key is ignored.
+    """
+    records: dict[bytes, bytes] = {}
+    at = 0
+    while at < len(data):
+        if not any(data[at:]):
+            break  # NUL padding after the last record
+        space = data.find(b" ", at, at + 8)  # a length of at most 7 digits fits any allowed header
+        digits = data[at:space] if space > at else b""
+        if not digits.isdigit():
+            raise BadArchive("malformed pax header")
+        end = at + int(digits)
+        if end <= space + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise BadArchive("malformed pax header")
+        key, equals, value = data[space + 1 : end - 1].partition(b"=")
+        if not equals:
+            raise BadArchive("malformed pax header")
+        if key in _PAX_KEYS:
+            records[key] = value
+        elif key.startswith(b"GNU.sparse."):
+            records[b"sparse"] = b"1"
+        at = end
+    return records
+
+
+def _member(block: bytes, typeflag: bytes, size: int, fields: dict[bytes, bytes]) -> TarMember:
+    name = block[0:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\0" and prefix:  # POSIX ustar splits long names into prefix/name
+        name = prefix + b"/" + name
+    name = fields.get(b"path", name)
+    if b"size" in fields:
+        if not fields[b"size"].isdigit() or len(fields[b"size"]) > 20:
+            raise BadArchive("malformed pax header")
+        size = int(fields[b"size"])
+    text = name.decode("utf-8", "replace")
+    kind: TarKind
+    if typeflag == b"5" or (typeflag in (b"0", b"\0") and text.endswith("/")):
+        kind = "dir"
+    elif typeflag in (b"1", b"2"):
+        kind = "link"
+    elif typeflag == b"S" or b"sparse" in fields:
+        kind = "sparse"
+    elif typeflag in _TAR_FILE_TYPES:
+        kind = "file"
+    else:
+        kind = "special"
+    return TarMember(text, kind, size)
 
 
 def zip_entry_count(f: BinaryIO, limit: int) -> int:

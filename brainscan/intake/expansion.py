@@ -1,35 +1,35 @@
 """Expanding uploads into job entries: scans stored by hash, archives read as streams, under budgets.
 
-One :class:`Intake` collects the entries of one job from any number of files; every limit
-(:class:`IntakeLimits`) truncates instead of failing the request, and whatever it stopped becomes one
-failed entry that names the setting which raises it.
+One :class:`Intake` collects the entries of one job from any number of files. Its cost is bounded by
+one :class:`RequestBudget` per request: every decompressed byte (member data, skipped members, tar
+headers and padding, ``.nii.gz`` voxels), every archive entry examined, the bytes of scans stored
+and the CPU time of the thread doing the work. A spent budget stops the archive (or scanner file)
+being read with one failed entry that names the setting which raises it; files after it are not
+read; what was accepted before stays. Per-file limits (:class:`IntakeLimits`) truncate the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import os
-import tarfile
 import tempfile
-import warnings
+import time
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from brainscan import scanners
+from brainscan import imaging, scanners
 from brainscan.intake.archives import (
     BadArchive,
-    ExpansionBudgetSpent,
-    GuardedReader,
     is_system_error,
     s_islnk,
     s_isreg,
     short,
+    tar_members,
     zip_entry_count,
 )
 from brainscan.intake.names import is_os_metadata, member_name, sanitize_filename
@@ -47,6 +47,8 @@ from brainscan.settings import Settings
 from brainscan.storage import ScanStore
 
 CHUNK = 1024 * 1024
+MIB = 1024 * 1024
+_DEFAULTS = Settings.model_construct()  # the documented defaults, for limits built without settings
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class IntakeLimits:
     max_scan_bytes: int
     max_image_pixels: int
     max_items_per_job: int
+    max_request_entries: int = _DEFAULTS.max_request_entries
+    max_intake_cpu_s: float = _DEFAULTS.max_intake_cpu_s
+    max_intake_cpu_s_per_mib: float = _DEFAULTS.max_intake_cpu_s_per_mib
+    max_stored_ratio: int = _DEFAULTS.max_stored_ratio
+    max_expansion_ratio: int = _DEFAULTS.max_expansion_ratio
+    volume: scanners.VolumeLimits | None = None  # None: the default volume limits
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IntakeLimits:
@@ -65,11 +73,110 @@ class IntakeLimits:
             max_scan_bytes=settings.max_scan_bytes,
             max_image_pixels=settings.max_image_pixels,
             max_items_per_job=settings.max_items_per_job,
+            max_request_entries=settings.max_request_entries,
+            max_intake_cpu_s=settings.max_intake_cpu_s,
+            max_intake_cpu_s_per_mib=settings.max_intake_cpu_s_per_mib,
+            max_stored_ratio=settings.max_stored_ratio,
+            max_expansion_ratio=settings.max_expansion_ratio,
+            volume=scanners.VolumeLimits.from_settings(settings),
         )
+
+    @property
+    def volume_limits(self) -> scanners.VolumeLimits:
+        if self.volume is not None:
+            return self.volume
+        return scanners.VolumeLimits.from_settings(_DEFAULTS, max_image_pixels=self.max_image_pixels)
+
+
+class BudgetSpent(Exception):
+    """A request-wide budget is used up; the message is the fixed reason (with its setting)."""
+
+
+@dataclass
+class RequestBudget:
+    """What one request may still cost. Every ``spend_*`` raises :class:`BudgetSpent` once spent,
+    and keeps raising: whatever comes after in the request is not read."""
+
+    limits: IntakeLimits
+    uploaded_bytes: int = 0
+    expanded_bytes: int = 0
+    entries: int = 0
+    stored_bytes: int = 0
+    cpu_start: float = field(default_factory=time.thread_time)
+    spent: str | None = None
+
+    def add_upload(self, size: int) -> None:
+        self.uploaded_bytes += size
+
+    def expanded_limit(self) -> int:
+        """``max_expanded_bytes``, or less for a small upload: ``max_expansion_ratio`` times its size,
+        but at least one scanner file's decoded size (``max_volume_bytes``)."""
+        by_ratio = max(
+            self.limits.volume_limits.max_bytes, self.limits.max_expansion_ratio * self.uploaded_bytes
+        )
+        return min(self.limits.max_expanded_bytes, by_ratio)
+
+    def spend_expanded(self, n: int) -> None:
+        """``n`` more bytes decompressed or examined (members, skipped data, headers)."""
+        self.expanded_bytes += n
+        limit = self.expanded_limit()
+        if self.expanded_bytes > limit:
+            if limit == self.limits.max_expanded_bytes:
+                setting = "BRAINSCAN_MAX_EXPANDED_BYTES"
+            else:
+                setting = f"{self.limits.max_expansion_ratio} times the upload: BRAINSCAN_MAX_EXPANSION_RATIO"
+            self._stop(f"expansion stopped at the limit of {limit} bytes for this request ({setting})")
+        self.check()
+
+    def spend_entry(self) -> None:
+        self.entries += 1
+        if self.entries > self.limits.max_request_entries:
+            self._stop(
+                f"archive entries over the limit of {self.limits.max_request_entries} for this request "
+                "(BRAINSCAN_MAX_REQUEST_ENTRIES)"
+            )
+        self.check()
+
+    def stored_limit(self) -> int:
+        return max(self.limits.max_scan_bytes, self.limits.max_stored_ratio * self.uploaded_bytes)
+
+    def stored_room(self) -> int:
+        """Bytes of scans this request may still store: a scan larger than this is not stored."""
+        return self.stored_limit() - self.stored_bytes
+
+    def count_stored(self, n: int) -> None:
+        self.stored_bytes += n
+
+    def stop_storing(self) -> str:
+        """A scan did not fit in :meth:`stored_room`: the request stops; returns the reason."""
+        self._stop(
+            f"this request would store more than its limit of {self.limits.max_stored_ratio} times its "
+            "upload size in scans (BRAINSCAN_MAX_STORED_RATIO)"
+        )
+        return str(self.spent)
+
+    def cpu_limit_s(self) -> float:
+        return self.limits.max_intake_cpu_s + self.limits.max_intake_cpu_s_per_mib * self.uploaded_bytes / MIB
+
+    def check(self) -> None:
+        """Raise if a budget is spent; the CPU time of this thread is read here."""
+        if self.spent is None and time.thread_time() - self.cpu_start > self.cpu_limit_s():
+            self._stop(
+                "intake reached its limit of CPU time for this request (BRAINSCAN_MAX_INTAKE_CPU_S, "
+                "BRAINSCAN_MAX_INTAKE_CPU_S_PER_MIB)"
+            )
+        if self.spent is not None:
+            raise BudgetSpent(self.spent)
+
+    def _stop(self, reason: str) -> None:
+        if self.spent is None:
+            self.spent = reason
 
 
 class _ScanTooLarge(Exception):
-    pass
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _JobFull(Exception):
@@ -82,13 +189,25 @@ class _TooManyEntries(Exception):
 
 @dataclass
 class Intake:
-    """Collects the entries of one job from any number of files, under one set of budgets."""
+    """Collects the entries of one job from any number of files, under one request budget."""
 
     store: ScanStore
     limits: IntakeLimits
     entries: list[IntakeEntry] = field(default_factory=list)
-    expanded_bytes: int = 0
     full: bool = False
+    budget: RequestBudget = field(init=False)
+    # Called after each recorded entry: submit's chunked writer commits and enqueues from here, so
+    # scoring starts while the rest is read. A zip over the entry limit is refused before any of its
+    # members is recorded; a tar stream (read once) can be found over it half way, and then its
+    # recorded entries are dropped from ``entries`` (submit keeps those it already committed).
+    on_record: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.budget = RequestBudget(self.limits)
+
+    @property
+    def expanded_bytes(self) -> int:
+        return self.budget.expanded_bytes
 
     # -- public ------------------------------------------------------------------------------------
 
@@ -98,10 +217,16 @@ class Intake:
         if self.full:
             return
         try:
+            self.budget.add_upload(path.stat().st_size)
+            try:
+                self.budget.check()
+            except BudgetSpent as exc:
+                self._fail(name, f"{exc}; not read")
+                return
             with open(path, "rb") as f:
                 head = f.read(HEAD_BYTES)
                 kind = sniff(head)
-                if self._add_image(name, kind, head, f, path=path, budgeted=False):
+                if self._add_image(name, kind, head, f, path=path):
                     pass
                 elif kind == "zip":
                     self._add_zip(name, f)
@@ -116,75 +241,47 @@ class Intake:
             pass
 
     def _add_image(
-        self, name: str, kind: Kind | None, head: bytes, rest: BinaryIO, *, path: Path | None, budgeted: bool
+        self, name: str, kind: Kind | None, head: bytes, rest: BinaryIO, *, path: Path | None
     ) -> bool:
         """Store the file if it is a scan (JPEG, PNG) or a scanner file (DICOM, NIfTI); False if not."""
         scanner = scanners.sniff_scanner(head) if kind in (None, "gzip") else None
         if scanner is not None:
-            self._add_scanner_file(name, scanner, head, rest, path=path, budgeted=budgeted)
+            self._add_scanner_file(name, scanner, head, rest, path=path)
         elif kind in SCAN_KINDS:
-            self._add_scan(name, head, rest, budgeted=budgeted)
+            self._add_scan(name, head, rest)
         else:
             return False
         return True
 
     # -- scans -------------------------------------------------------------------------------------
 
-    def _add_scan(self, name: str, head: bytes, rest: BinaryIO, *, budgeted: bool) -> None:
-        """Store a scan: ``head`` (its first bytes, already read) then whatever ``rest`` yields."""
-        reason = self._image_header_problem(head)
-        if reason:
-            self._fail(name, reason)
+    def _add_scan(self, name: str, head: bytes, rest: BinaryIO) -> None:
+        """Store a scan whose header parses (format, dimensions, mode) and whose size its pixels
+        justify; junk is refused here, before anything is stored. ``head`` is already read."""
+        head += _read_up_to(rest, imaging.HEADER_WINDOW_BYTES - len(head))
+        try:
+            header = imaging.scan_header(head, self.limits.max_image_pixels)
+        except imaging.ScanError as exc:
+            self._fail(name, str(exc))
             return
         self._reserve_item(name)
-        limit = self.limits.max_scan_bytes
+        # The tightest of three bounds, each with its own reason (None: the request's storage room).
+        limit, too_large = min(
+            (
+                self.limits.max_scan_bytes,
+                f"scan larger than {self.limits.max_scan_bytes} bytes (BRAINSCAN_MAX_SCAN_BYTES)",
+            ),
+            (header.max_file_bytes, imaging.PADDED_IMAGE),
+            (self.budget.stored_room(), None),
+            key=lambda bound: bound[0],
+        )
         try:
-            sha256, size = self.store.put_chunks(self._bounded(head, rest, limit, budgeted))
-        except _ScanTooLarge:
-            self._record(
-                IntakeEntry(name, error=f"scan larger than {limit} bytes (BRAINSCAN_MAX_SCAN_BYTES)")
-            )
+            sha256, size = self.store.put_chunks(_bounded(head, rest, limit, too_large))
+        except _ScanTooLarge as exc:
+            self._record(IntakeEntry(name, error=exc.reason or self.budget.stop_storing()))
             return
         self._record(IntakeEntry(name, sha256=sha256, size=size))
-
-    def _bounded(self, head: bytes, rest: BinaryIO, limit: int, budgeted: bool) -> Iterator[bytes]:
-        """``head`` then chunks of ``rest``, counted as they are read: headers are never trusted."""
-        size = len(head)
-        if size > limit:
-            raise _ScanTooLarge
-        yield head
-        while chunk := rest.read(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise _ScanTooLarge
-            if budgeted:
-                self._spend(len(chunk))
-            yield chunk
-
-    def _spend(self, n: int) -> None:
-        self.expanded_bytes += n
-        if self.expanded_bytes > self.limits.max_expanded_bytes:
-            raise ExpansionBudgetSpent
-
-    def _image_header_problem(self, head: bytes) -> str | None:
-        """Refuse a declared decompression bomb now, from the header alone (PIL reads no pixels)."""
-        from PIL import Image
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(io.BytesIO(head)) as image:
-                    width, height = image.size
-        except Image.DecompressionBombError as exc:
-            return f"image too large to decode safely: {exc}"
-        except Exception:
-            return None  # header not within the first bytes, or damaged: the worker decides
-        if width * height > self.limits.max_image_pixels:
-            return (
-                f"image is {width}x{height} pixels, over the limit of {self.limits.max_image_pixels} "
-                "(BRAINSCAN_MAX_IMAGE_PIXELS)"
-            )
-        return None
+        self.budget.count_stored(size)
 
     # -- scanner files (DICOM, NIfTI) ----------------------------------------------------------------
 
@@ -196,42 +293,48 @@ class Intake:
         rest: BinaryIO,
         *,
         path: Path | None,
-        budgeted: bool,
     ) -> None:
         """Convert a DICOM/NIfTI file into one stored PNG item per frame or axial slice.
 
         Only the derived pixels are stored: the file itself is read from ``path`` (an upload already
         spooled to disk) or from a temporary copy under the store's tmp dir, deleted afterwards.
-        Every frame or slice is one item (``max_items_per_job``); a ``.nii.gz`` is decompressed to
-        disk with every decompressed byte counted against ``max_expanded_bytes``.
+        Every frame or slice is one item (``max_items_per_job``); a ``.nii.gz`` is decompressed by
+        :func:`scanners.gunzip_nifti` to exactly the size its header declares (after the header
+        passed the volume limits), every byte counted against the request's budget.
         """
         limit = self.limits.max_scan_bytes
+        volume = self.limits.volume_limits
         temps: list[Path] = []
         try:
             if path is not None and path.stat().st_size > limit:
-                raise _ScanTooLarge
-            source = path if path is not None else self._spool(head, rest, budgeted, temps)
+                raise _ScanTooLarge(f"scan larger than {limit} bytes (BRAINSCAN_MAX_SCAN_BYTES)")
+            source = path if path is not None else self._spool(head, rest, temps)
             if kind == "nifti-gz":
-                source = self._gunzip(source, temps)
+                source = self._gunzip(source, volume, temps)
             if kind == "dicom":
                 derived = scanners.dicom_frames(
-                    source, max_image_pixels=self.limits.max_image_pixels, spend=self._spend
+                    source,
+                    max_image_pixels=self.limits.max_image_pixels,
+                    limits=volume,
+                    spend=self.budget.spend_expanded,
                 )
             else:
-                derived = scanners.nifti_slices(source, max_image_pixels=self.limits.max_image_pixels)
+                derived = scanners.nifti_slices(
+                    source, max_image_pixels=self.limits.max_image_pixels, limits=volume
+                )
             with contextlib.closing(derived):
                 for scan in derived:
+                    self.budget.check()  # PNG encoding is the CPU-heavy part: checked per slice
+                    if len(scan.png) > self.budget.stored_room():
+                        raise BudgetSpent(self.budget.stop_storing())
                     self._reserve_item(name)
                     sha256 = self.store.put_bytes(scan.png)
                     self._record(IntakeEntry(name, sha256=sha256, size=len(scan.png), source_ref=scan.ref))
-        except _ScanTooLarge:
-            self._fail(name, f"scan larger than {limit} bytes (BRAINSCAN_MAX_SCAN_BYTES)")
-        except ExpansionBudgetSpent:
-            self._fail(
-                name,
-                f"volume expands past {self.limits.max_expanded_bytes} bytes for this request "
-                "(BRAINSCAN_MAX_EXPANDED_BYTES); not read",
-            )
+                    self.budget.count_stored(len(scan.png))
+        except _ScanTooLarge as exc:
+            self._fail(name, str(exc.reason))
+        except BudgetSpent as exc:
+            self._fail(name, f"{exc}; the rest of this file was not read")
         except scanners.VolumeError as exc:
             self._fail(name, str(exc))
         except (EOFError, zlib.error, OSError) as exc:
@@ -248,21 +351,27 @@ class Intake:
         temps.append(Path(name))
         return fd, Path(name)
 
-    def _spool(self, head: bytes, rest: BinaryIO, budgeted: bool, temps: list[Path]) -> Path:
+    def _spool(self, head: bytes, rest: BinaryIO, temps: list[Path]) -> Path:
         """Copy an archive member to a temporary file (pydicom and nibabel read from disk)."""
         fd, path = self._temp_file(".bin", temps)
+        limit = self.limits.max_scan_bytes
+        too_large = f"scan larger than {limit} bytes (BRAINSCAN_MAX_SCAN_BYTES)"
         with os.fdopen(fd, "wb") as out:
-            for chunk in self._bounded(head, rest, self.limits.max_scan_bytes, budgeted):
+            for chunk in _bounded(head, rest, limit, too_large):
                 out.write(chunk)
         return path
 
-    def _gunzip(self, source: Path, temps: list[Path]) -> Path:
-        """Decompress a .nii.gz to a temporary .nii, counting every byte against the budget."""
+    def _gunzip(self, source: Path, volume: scanners.VolumeLimits, temps: list[Path]) -> Path:
+        """Decompress a .nii.gz to a temporary .nii no larger than its (checked) header declares."""
         fd, path = self._temp_file(".nii", temps)
-        with os.fdopen(fd, "wb") as out, gzip.open(source, "rb") as compressed:
-            while chunk := compressed.read(CHUNK):
-                self._spend(len(chunk))
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            scanners.gunzip_nifti(
+                source,
+                out,
+                max_image_pixels=self.limits.max_image_pixels,
+                limits=volume,
+                spend=self.budget.spend_expanded,
+            )
         return path
 
     # -- archives ----------------------------------------------------------------------------------
@@ -270,46 +379,56 @@ class Intake:
     def _add_member(self, archive: str, member: str, reader: BinaryIO) -> None:
         """One regular file inside an archive: sniff it from its own first bytes, then store it."""
         name = member_name(archive, member)
-        head = _read_head(reader, self)
+        head = _read_up_to(reader, HEAD_BYTES)
         kind = sniff(head)
-        if self._add_image(name, kind, head, reader, path=None, budgeted=True):
+        if self._add_image(name, kind, head, reader, path=None):
             pass
         elif kind in ARCHIVE_KINDS:
             self._fail(name, "nested archive not supported: put scans directly in the archive")
         else:
             self._fail(name, describe_unsupported(head))
 
-    def _run_archive(self, name: str, expand) -> None:  # type: ignore[no-untyped-def]
-        """Run one archive's expansion and turn every way it can stop into a clear failed item."""
+    def _run_archive(self, name: str, expand: Callable[[Callable[[], None]], int]) -> None:
+        """Run one archive's expansion and turn every way it can stop into a clear failed item.
+
+        ``expand(count_entry)`` calls ``count_entry()`` once per entry examined, before reading it.
+        """
         start = len(self.entries)
+        entries = 0
+
+        def count_entry() -> None:
+            nonlocal entries
+            entries += 1
+            if entries > self.limits.max_archive_entries:
+                raise _TooManyEntries
+            self.budget.spend_entry()
+
         try:
-            seen = expand()
+            seen = expand(count_entry)
             if seen == 0:
                 self._fail(name, "empty archive: no files in it")
         except _TooManyEntries:
-            # Refused whole (counted before anything is stored), so a job never holds an arbitrary
-            # first part of a huge archive.
+            # Refused whole: a job never holds an arbitrary first part of a huge archive. (A zip is
+            # counted before anything of it is read; a tar stream is read once, so scans it stored
+            # before the limit stay unreferenced until retention removes them.)
             del self.entries[start:]
+            self.full = len(self.entries) >= self.limits.max_items_per_job
             self._fail(
                 name,
                 f"archive has more than {self.limits.max_archive_entries} entries "
                 "(BRAINSCAN_MAX_ARCHIVE_ENTRIES): split it",
             )
-        except ExpansionBudgetSpent:
-            self._fail(
-                name,
-                f"expansion stopped after {self.limits.max_expanded_bytes} bytes "
-                "(BRAINSCAN_MAX_EXPANDED_BYTES); the rest of the archive was not read",
-            )
+        except BudgetSpent as exc:
+            self._fail(name, f"{exc}; the rest of the archive was not read")
         except BadArchive as exc:
             self._fail(name, f"corrupt archive: {exc}; the rest of it was not read")
-        except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
             if is_system_error(exc):
                 raise  # our disk, not the client's archive
             self._fail(name, f"corrupt archive: {short(exc)}; the rest of it was not read")
 
     def _add_zip(self, name: str, f: BinaryIO) -> None:
-        def expand() -> int:
+        def expand(count_entry: Callable[[], None]) -> int:
             count = zip_entry_count(f, self.limits.max_archive_entries)
             if count > self.limits.max_archive_entries:
                 raise _TooManyEntries
@@ -317,6 +436,7 @@ class Intake:
             seen = 0
             with zipfile.ZipFile(f) as archive:
                 for info in archive.infolist():
+                    count_entry()
                     # Not info.is_dir(): it raises IndexError on an empty member name.
                     if info.filename.endswith("/") or is_os_metadata(info.filename):
                         continue
@@ -338,7 +458,8 @@ class Intake:
     def _add_zip_member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_name: str) -> None:
         try:
             with archive.open(info) as reader:
-                self._add_member(archive_name, info.filename, reader)  # type: ignore[arg-type]
+                counted = _CountingReader(reader, self.budget.spend_expanded)  # type: ignore[arg-type]
+                self._add_member(archive_name, info.filename, counted)  # type: ignore[arg-type]
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as exc:
             if is_system_error(exc):
                 raise
@@ -360,49 +481,30 @@ class Intake:
         self._add_tar(name, f, compressed=True)
 
     def _add_tar(self, name: str, f: BinaryIO, *, compressed: bool) -> None:
-        budget = self.limits.max_expanded_bytes - self.expanded_bytes
-
-        @contextlib.contextmanager
-        def members() -> Iterator[tarfile.TarFile]:
-            # Bounded reads and seeks (see GuardedReader); plain "r" mode, so tarfile reads from it
-            # directly rather than through its own stream buffering.
+        def expand(count_entry: Callable[[], None]) -> int:
+            # One pass over the stream with our own header parser (archives.tar_members): every byte
+            # of it, skipped members and headers included, is counted before it is read.
             f.seek(0)
             with contextlib.ExitStack() as stack:
                 raw: BinaryIO = f
                 if compressed:
                     raw = stack.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))  # type: ignore[assignment]
-                yield stack.enter_context(tarfile.TarFile(fileobj=GuardedReader(raw, budget), mode="r"))  # type: ignore[call-overload]
-
-        def expand() -> int:
-            # First count the entries (headers only: tarfile seeks over the data), so that an archive
-            # over the limit is refused before anything of it is stored, as a zip is.
-            with members() as archive:
-                entries = 0
-                while archive.next() is not None:
-                    archive.members.clear()  # tarfile remembers members; we never need them again
-                    entries += 1
-                    if entries > self.limits.max_archive_entries:
-                        raise _TooManyEntries
-            seen = 0
-            with members() as archive:
-                while (info := archive.next()) is not None:
-                    archive.members.clear()
-                    if info.isdir() or is_os_metadata(info.name):
+                seen = 0
+                for info, reader in tar_members(raw, self.budget.spend_expanded):
+                    count_entry()
+                    if info.kind == "dir" or is_os_metadata(info.name):
                         continue
                     seen += 1
                     member = member_name(name, info.name)
-                    if info.issym() or info.islnk():
+                    if info.kind == "link":
                         self._fail(member, "link in archive: not followed")
-                    elif not info.isreg():
+                    elif info.kind == "special":
                         self._fail(member, "special file in archive (device, fifo): not read")
-                    elif info.issparse():
+                    elif info.kind == "sparse":
                         self._fail(member, "sparse file in archive: not supported")
                     else:
-                        reader = archive.extractfile(info)
-                        assert reader is not None  # a regular file always has a reader
-                        with reader:
-                            self._add_member(name, info.name, reader)  # type: ignore[arg-type]
-            return seen
+                        self._add_member(name, info.name, reader)
+                return seen
 
         self._run_archive(name, expand)
 
@@ -422,21 +524,50 @@ class Intake:
 
     def _record(self, entry: IntakeEntry) -> None:
         self.entries.append(entry)
+        if self.on_record is not None:
+            self.on_record()
 
     def _fail(self, name: str, error: str) -> None:
         self._reserve_item(name)
         self._record(IntakeEntry(name, error=error))
 
 
-def _read_head(reader: BinaryIO, intake: Intake) -> bytes:
-    head = b""
-    while len(head) < HEAD_BYTES:
-        chunk = reader.read(HEAD_BYTES - len(head))
+class _CountingReader:
+    """A zip member's decompressed bytes, each read counted by ``spend`` (tar streams count their
+    own, headers and skipped data included: archives.tar_members)."""
+
+    def __init__(self, raw: BinaryIO, spend: Callable[[int], None]) -> None:
+        self.raw = raw
+        self.spend = spend
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(min(n, CHUNK) if n is not None and n >= 0 else CHUNK)
+        self.spend(len(data))
+        return data
+
+
+def _bounded(head: bytes, rest: BinaryIO, limit: int, too_large: str | None) -> Iterator[bytes]:
+    """``head`` then chunks of ``rest``, counted as they are read: headers are never trusted."""
+    size = len(head)
+    if size > limit:
+        raise _ScanTooLarge(too_large)
+    yield head
+    while chunk := rest.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise _ScanTooLarge(too_large)
+        yield chunk
+
+
+def _read_up_to(reader: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` more bytes of ``reader`` (fewer only at its end)."""
+    data = b""
+    while len(data) < n:
+        chunk = reader.read(n - len(data))
         if not chunk:
             break
-        intake._spend(len(chunk))
-        head += chunk
-    return head
+        data += chunk
+    return data
 
 
 def expand_uploads(

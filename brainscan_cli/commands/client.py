@@ -1,9 +1,10 @@
 """Client commands: ``brainscan submit``, ``brainscan status`` (over HTTP) and ``brainscan keys``
 (operator commands, straight on the database).
 
-The HTTP commands read the API's address from ``--url`` (default ``http://{host}:{port}`` from the
-settings) and the key from ``--key``, else ``BRAINSCAN_API_KEY``, else the file ``var/api-key`` that
-``brainscan up`` writes.
+The HTTP commands read the API's address from ``--url``, else the file ``var/api-url`` that
+``brainscan up`` writes, else ``http://{host}:{port}`` from the settings; and the key from ``--key``,
+else ``BRAINSCAN_API_KEY``, else the file ``var/api-key`` that ``brainscan up`` writes, but only
+for the URL that stack serves (``brainscan_cli/stackinfo.py``). A 401 says where the key came from.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import os
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from brainscan.settings import get_settings
+from brainscan_cli.stackinfo import connectable_url, saved_url, url_file
 
 FINAL = ("succeeded", "failed", "partial")
 POLL_S = 1.0
@@ -27,46 +30,104 @@ PAGE = 1000
 keys_app = typer.Typer(
     help="Create, list and revoke API keys (on the database directly).", no_args_is_help=True
 )
+jobs_app = typer.Typer(
+    help="Operator actions on jobs (on the database and storage directly).", no_args_is_help=True
+)
 
 
 # -- HTTP helpers ---------------------------------------------------------------------------------
 
 
-def _default_url() -> str:
+@dataclass(frozen=True)
+class Target:
+    """The API a command calls and the key it sends, each with where it came from (for errors)."""
+
+    url: str
+    url_source: str
+    key: str
+    key_source: str
+
+
+def resolve_target(url: str | None, key: str | None) -> Target:
     settings = get_settings()
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}"
-
-
-def _resolve_key(key: str | None) -> str:
+    saved = saved_url(settings)
+    if url:
+        url_source = "--url"
+    elif saved:
+        url, url_source = saved, f"{url_file(settings)} (written by `brainscan up`)"
+    else:
+        url, url_source = connectable_url(settings.host, settings.port), "BRAINSCAN_HOST/BRAINSCAN_PORT"
+    url = url.rstrip("/")
     if key:
-        return key
-    if env := os.environ.get("BRAINSCAN_API_KEY"):
-        return env.strip()
-    path = get_settings().api_key_file
-    if path.is_file():
-        return path.read_text().strip()
+        return Target(url, url_source, key, "--key")
+    if env := os.environ.get("BRAINSCAN_API_KEY", "").strip():
+        return Target(url, url_source, env, "$BRAINSCAN_API_KEY")
+    key_file = settings.api_key_file
+    if key_file.is_file():
+        # The embedded stack's key belongs to the URL that stack serves, and to no other service.
+        if saved is None or saved.rstrip("/") == url:
+            return Target(
+                url, url_source, key_file.read_text().strip(), f"{key_file} (written by `brainscan up`)"
+            )
+        typer.echo(
+            f"no API key for {url}: {key_file} is the key of the stack at {saved}; "
+            "pass --key or set BRAINSCAN_API_KEY",
+            err=True,
+        )
+        raise typer.Exit(2)
     typer.echo("no API key: pass --key, set BRAINSCAN_API_KEY, or run `brainscan keys create NAME`", err=True)
     raise typer.Exit(2)
+
+
+def _resolve_key(key: str | None, url: str | None = None) -> str:
+    return resolve_target(url, key).key
 
 
 def _client(url: str | None, key: str | None, timeout: float = 60.0):  # type: ignore[no-untyped-def]
     import httpx
 
+    target = resolve_target(url, key)
     return httpx.Client(
-        base_url=(url or _default_url()).rstrip("/"),
-        headers={"Authorization": f"Bearer {_resolve_key(key)}"},
+        base_url=target.url,
+        headers={"Authorization": f"Bearer {target.key}"},
         timeout=httpx.Timeout(timeout, connect=10.0),
+        event_hooks={"response": [_on_unauthorized(target)]},
     )
+
+
+def _on_unauthorized(target: Target):  # type: ignore[no-untyped-def]
+    """A 401 names the key's source (flag, environment, file) and the URL's."""
+
+    def hook(response) -> None:  # type: ignore[no-untyped-def]
+        if response.status_code != 401:
+            return
+        response.read()
+        typer.echo(f"error 401: {_detail(response)}", err=True)
+        shown = f" {target.key[:11]}..." if target.key.startswith("bs_") else ""
+        typer.echo(
+            f"  the key{shown} came from {target.key_source}; the URL {target.url} from {target.url_source}",
+            err=True,
+        )
+        typer.echo(
+            "  hint: use a key of this API's database (`brainscan keys create NAME` there), "
+            "with --key or BRAINSCAN_API_KEY",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+    return hook
+
+
+def _detail(response) -> Any:  # type: ignore[no-untyped-def]
+    try:
+        return response.json().get("detail", response.text)
+    except ValueError:
+        return response.text
 
 
 def _check(response) -> Any:  # type: ignore[no-untyped-def]
     if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        typer.echo(f"error {response.status_code}: {detail}", err=True)
+        typer.echo(f"error {response.status_code}: {_detail(response)}", err=True)
         raise typer.Exit(1)
     return response.json()
 
@@ -101,7 +162,13 @@ def fetch_job(client, job_id: str) -> dict[str, Any]:  # type: ignore[no-untyped
         if not page["items"]:
             break
     job["items"] = items
-    job["page"] = {"offset": 0, "limit": len(items), "returned": len(items), "next_offset": None}
+    job["page"] = {
+        **job["page"],
+        "offset": 0,
+        "limit": len(items),
+        "returned": len(items),
+        "next_offset": None,
+    }
     return job
 
 
@@ -128,30 +195,52 @@ def _wait(client, job_id: str, total: int, quiet: bool) -> dict[str, Any]:  # ty
             time.sleep(POLL_S)
 
 
+FLAG_STYLES = {"uncertain": "yellow", "out_of_scope": "magenta"}
+NOTICE = "Research use only - not for diagnostic use."
+
+
+def counts_line(job: dict[str, Any]) -> str:
+    """``total=.. done=.. failed=.. pending=..`` and the per-flag counts (when the job has them)."""
+    line = f"total={job['total']} done={job['done']} failed={job['failed']} pending={job['pending']}"
+    flags = job.get("flags")
+    if flags is not None:
+        line += f" uncertain={flags['uncertain']} out_of_scope={flags['out_of_scope']}"
+    return line
+
+
+def flagged_label(item: dict[str, Any]) -> str:
+    """The label cell, marked so that a flagged row reads as one without colour: ``OUT OF SCOPE``
+    (no label is given) or ``glioma (uncertain)``."""
+    flag = item.get("flag")
+    if flag == "out_of_scope":
+        return "OUT OF SCOPE"
+    label = item["label"] or ""
+    return f"{label} ({flag})" if flag else label
+
+
 def print_job(job: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     table = Table(title=f"job {job['id']} - {job['status']}", show_lines=False)
-    for column in ("position", "file", "status", "label", "confidence", "error"):
+    for column in ("position", "file", "status", "label", "confidence", "note"):
         table.add_column(column, overflow="fold")
     for item in job["items"]:
+        flag = item.get("flag")
         confidence = f"{item['confidence']:.3f}" if item["confidence"] is not None else ""
         table.add_row(
             str(item["position"]),
             item["filename"],
             item["status"],
-            item["label"] or "",
+            flagged_label(item),
             confidence,
-            item["error"] or "",
-            style="red" if item["status"] == "failed" else None,
+            item["error"] or item.get("flag_reason") or "",
+            style="red" if item["status"] == "failed" else FLAG_STYLES.get(flag or ""),
         )
     console.print(table)
-    console.print(
-        f"total={job['total']} done={job['done']} failed={job['failed']} pending={job['pending']}",
-        markup=False,
-    )
+    console.print(counts_line(job), markup=False)
+    console.print(NOTICE, markup=False)
 
 
 def _exit_code(job: dict[str, Any]) -> int:
@@ -161,15 +250,30 @@ def _exit_code(job: dict[str, Any]) -> int:
 # -- commands -------------------------------------------------------------------------------------
 
 
+def _url_option() -> Any:
+    """``--url`` of the HTTP commands (``resolve_target`` says where it falls back to)."""
+    return typer.Option(
+        None,
+        "--url",
+        help="API base URL.",
+        show_default="var/api-url (from `brainscan up`), else http://BRAINSCAN_HOST:BRAINSCAN_PORT",
+    )
+
+
+def _key_option() -> Any:
+    """``--key`` of the HTTP commands."""
+    return typer.Option(
+        None, "--key", help="API key.", show_default="$BRAINSCAN_API_KEY, else var/api-key for var/api-url"
+    )
+
+
 def submit(
     paths: list[Path] = typer.Argument(..., help="Scans (JPEG/PNG), archives (zip/tar/tar.gz) or folders."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the results (progress bar), then show them."),
     as_json: bool = typer.Option(False, "--json", help="Print the job as JSON (with --wait: the final job)."),
     callback_url: str | None = typer.Option(None, "--callback-url", help="URL called when the job finishes."),
-    url: str | None = typer.Option(None, "--url", help="API base URL [default: http://HOST:PORT]."),
-    key: str | None = typer.Option(
-        None, "--key", help="API key [default: $BRAINSCAN_API_KEY or var/api-key]."
-    ),
+    url: str | None = _url_option(),
+    key: str | None = _key_option(),
 ) -> None:
     """Upload scans as one job and print its id (or, with --wait, its results)."""
     files = _files_of(paths)
@@ -180,6 +284,13 @@ def submit(
         accepted = _check(client.post("/v1/jobs", files=parts, data=data))
         stack.close()
         job_id = accepted["id"]
+        if accepted.get("enqueued") is False:
+            typer.echo(
+                f"note: job {job_id} is stored, but the broker did not take it (enqueued: false); "
+                f"the reaper queues it once the broker is back (it runs every "
+                f"{get_settings().reaper_interval_s} s with `brainscan beat`)",
+                err=True,
+            )
         if not wait:
             if as_json:
                 typer.echo(json.dumps(accepted, indent=2))
@@ -200,10 +311,8 @@ def submit(
 def status(
     job_id: str = typer.Argument(..., help="The job id printed by `brainscan submit`."),
     as_json: bool = typer.Option(False, "--json", help="Print the job (with all items) as JSON."),
-    url: str | None = typer.Option(None, "--url", help="API base URL [default: http://HOST:PORT]."),
-    key: str | None = typer.Option(
-        None, "--key", help="API key [default: $BRAINSCAN_API_KEY or var/api-key]."
-    ),
+    url: str | None = _url_option(),
+    key: str | None = _key_option(),
 ) -> None:
     """Show a job's status, counts and per-scan results."""
     with _client(url, key) as client:
@@ -255,8 +364,33 @@ def keys_list() -> None:
         typer.echo(f"{prefix}...  {name}  created {created}  {state}")
 
 
+@jobs_app.command("purge")
+def jobs_purge(job_id: str = typer.Argument(..., help="The finished job whose scans to remove.")) -> None:
+    """Remove a finished job's stored scans and Grad-CAM overlays now (its results stay)."""
+    from brainscan.storage import JobNotFinished, ScanStore, purge_job_scans
+
+    store = ScanStore(get_settings().resolved_storage_dir)
+    try:
+        with _database() as session:
+            report = purge_job_scans(session, store, job_id)
+    except LookupError:
+        typer.echo(f"no job {job_id[:64]!r}", err=True)
+        raise typer.Exit(1) from None
+    except JobNotFinished:
+        typer.echo(f"job {job_id} still has queued or running items: purge it once it finished", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"job {job_id}: removed {report.scans} scan file(s), {report.scan_bytes} bytes "
+        "(scans another job still holds are kept)"
+    )
+
+
 def _database():  # type: ignore[no-untyped-def]
-    """A session on the configured database, with a hint when the schema is missing."""
+    """A session on the configured database; a missing schema says to run ``brainscan db upgrade``.
+
+    A database that cannot be reached at all is not a missing schema: that error goes up to the
+    command line's handler (brainscan_cli/errors.py), which names the database and what to check.
+    """
     from contextlib import contextmanager
 
     from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -269,16 +403,22 @@ def _database():  # type: ignore[no-untyped-def]
             with session_scope() as session:
                 yield session
         except (OperationalError, ProgrammingError) as exc:
-            typer.echo(
-                f"database error ({type(exc).__name__}): is the schema there? run `brainscan db upgrade`",
-                err=True,
-            )
+            if not _schema_missing(exc):
+                raise
+            typer.echo("the database has no brainscan tables yet: run `brainscan db upgrade`", err=True)
             raise typer.Exit(1) from None
 
     return scope()
+
+
+def _schema_missing(exc: Exception) -> bool:
+    orig = getattr(exc, "orig", None)
+    # PostgreSQL: undefined_table (42P01); SQLite: "no such table".
+    return getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig or "")
 
 
 def register(app: typer.Typer) -> None:
     app.command("submit")(submit)
     app.command("status")(status)
     app.add_typer(keys_app, name="keys")
+    app.add_typer(jobs_app, name="jobs")

@@ -6,6 +6,7 @@ import typer
 
 from brainscan.modelrepo import ModelNotFound, list_models, promote, promoted, resolve_model
 from brainscan.settings import get_settings
+from brainscan.variants import choose_variant
 
 models_app = typer.Typer(help="List and promote models in the model repository.", no_args_is_help=True)
 
@@ -26,11 +27,19 @@ def list_command() -> None:
         mark = "*" if ref.path == serving else " "
         accuracy = ref.card.metrics.get("val_accuracy")
         extra = f"  val_accuracy={accuracy:.4f}" if isinstance(accuracy, float) else ""
-        typer.echo(f"{mark} {ref.card.name}/{ref.card.version}  {ref.card.architecture}{extra}")
+        # The variant this machine would serve, and why (brainscan.variants): int8 or fp32.
+        choice = choose_variant(ref.card, ref.path, get_settings().model_format)
+        typer.echo(
+            f"{mark} {ref.card.name}/{ref.card.version}  {ref.card.architecture}{extra}"
+            f"  variant={choice.variant} ({choice.reason})"
+        )
 
 
 @models_app.command("promote")
-def promote_command(name: str, version: str) -> None:
+def promote_command(
+    name: str = typer.Argument(..., help="Model name: a folder of the model repository (models/NAME/)."),
+    version: str = typer.Argument(..., help="Its version: a subfolder (models/NAME/VERSION/)."),
+) -> None:
     """Serve NAME/VERSION from now on; workers switch at their next batch."""
     model_dir = get_settings().model_dir
     try:

@@ -34,6 +34,13 @@ def nightly(
     report = run_nightly(settings, rescore_days)
     for line in report.lines():
         typer.echo(line)
+    if report.skipped_settling:
+        # Right after copying files in, nothing happens until they have settled: say so.
+        typer.echo(
+            f"{len(report.skipped_settling)} file(s) skipped: modified less than "
+            f"{settings.nightly_settle_s} s ago (BRAINSCAN_NIGHTLY_SETTLE_S), so possibly still being "
+            "copied; run again once they have settled"
+        )
 
 
 def register(app: typer.Typer) -> None:

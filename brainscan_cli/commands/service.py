@@ -41,11 +41,12 @@ def api(
     workers: int = typer.Option(1, min=1, help="uvicorn worker processes."),
 ) -> None:
     """Run the HTTP API (uvicorn)."""
-    import uvicorn
-
-    from brainscan.logs import uvicorn_log_config
+    from brainscan.logs import start_process_logging, uvicorn_log_config
 
     settings = get_settings()
+    start_process_logging(settings.log_format)
+    import uvicorn
+
     uvicorn.run(
         "api.app:app",
         host=host or settings.host,
@@ -54,6 +55,10 @@ def api(
         proxy_headers=True,
         log_level="info",
         access_log=False,  # URLs carry job ids only, but access logs add nothing a client needs
+        # An idle kept-alive connection is closed after 5 s; a request's headers may not grow past
+        # 16 KiB unfinished. (Upload bodies have their own deadlines: api/upload.py.)
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,
         log_config=uvicorn_log_config(settings.log_format, settings.log_level),
     )
 
@@ -73,9 +78,13 @@ def worker(
     hostname: str = typer.Option("", help="Celery node name (default brainscan-<pid>@<host>)."),
 ) -> None:
     """Run a Celery worker: loads the model once per process, warms it up, then scores in batches."""
+    from brainscan.logs import start_process_logging
+
+    start_process_logging(get_settings().log_format)
     from worker.celery import app
 
     argv = [
+        "--quiet",  # no banner: worker/celery.py logs one start-up line instead
         "worker",
         f"--loglevel={loglevel}",
         f"--queues={queues}",
@@ -92,12 +101,15 @@ def worker(
 
 def beat(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> None:
     """Run Celery beat: the reaper every ``reaper_interval_s``. Run one per deployment."""
-    from worker.celery import app
+    from brainscan.logs import start_process_logging
 
     settings = get_settings()
+    start_process_logging(settings.log_format)
+    from worker.celery import app
+
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     schedule = settings.var_dir / "celerybeat-schedule"
-    app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+    app.start(["--quiet", "beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
 
 
 def up(

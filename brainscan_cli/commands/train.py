@@ -93,6 +93,16 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _cache_dir_option() -> Any:
+    """``--cache-dir`` of the commands that decode a scan folder."""
+    return typer.Option(None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache.")
+
+
+def _decode_cache(cache_dir: Path | None) -> Path:
+    """The decoded-scan cache: ``--cache-dir``, else ``<var_dir>/cache``."""
+    return cache_dir or get_settings().var_dir / "cache"
+
+
 def train_command(
     data: Path = typer.Option(
         ..., "--data", help="Training folder: <data>/<class>/<image>.", exists=True, file_okay=False
@@ -105,13 +115,13 @@ def train_command(
     epochs: int | None = typer.Option(
         None, "--epochs", min=1, help="Total epochs (stages keep their shares)."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Images per training step (default: the recipe's own)."
+    ),
     test: Path | None = typer.Option(
         None, "--test", help="A test folder, evaluated once at the very end.", exists=True, file_okay=False
     ),
-    cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache."
-    ),
+    cache_dir: Path | None = _cache_dir_option(),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode without reading or writing a cache."),
     limit_per_class: int | None = typer.Option(
         None, "--limit-per-class", min=1, help="Use at most N images per class (smoke runs)."
@@ -130,7 +140,7 @@ def train_command(
         raise _fail("--weights applies to --arch resnet50 only")
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise _fail(f"--weights {weights}: not 'imagenet', 'none' or an existing weights file")
-    cache = None if no_cache else (cache_dir or get_settings().var_dir / "cache")
+    cache = None if no_cache else _decode_cache(cache_dir)
     _quiet_tensorflow()
     with tee_output(out / "reports" / "train.log"):
         from training.train import train
@@ -182,15 +192,13 @@ def evaluate_command(
         None, "--model", help="Model folder (or repository); default: the model the workers serve."
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics as JSON here."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per model call."),
     model_format: str | None = typer.Option(
         None,
         "--format",
         help="savedmodel, tflite or tflite-int8; default BRAINSCAN_MODEL_FORMAT, else the card's.",
     ),
-    cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache."
-    ),
+    cache_dir: Path | None = _cache_dir_option(),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode without reading or writing a cache."),
     ood: Path | None = typer.Option(
         None,
@@ -220,7 +228,7 @@ def evaluate_command(
     except ModelNotFound as exc:
         raise _fail(str(exc)) from None
     card = scorer.card
-    cache = None if no_cache else (cache_dir or get_settings().var_dir / "cache")
+    cache = None if no_cache else _decode_cache(cache_dir)
     try:
         scans = load_scanset(data, card.input_spec, cache)
     except ValueError as exc:
@@ -309,9 +317,7 @@ def export_command(
         file_okay=False,
         help="The training folder: measure accuracy on the model's validation split.",
     ),
-    cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache."
-    ),
+    cache_dir: Path | None = _cache_dir_option(),
 ) -> None:
     """Check MODEL's SavedModel (signature 'serve') and card; write and check its TFLite variants."""
     from brainscan.modelrepo import ModelNotFound
@@ -329,7 +335,7 @@ def export_command(
             representative_dir=representative,
             samples=samples,
             data_dir=data,
-            cache_dir=cache_dir or get_settings().var_dir / "cache",
+            cache_dir=_decode_cache(cache_dir),
         )
     except (ModelNotFound, ValueError) as exc:
         raise _fail(str(exc)) from None
@@ -368,9 +374,7 @@ def calibrate_command(
         help="The folder the model was trained on: its training split fits the detector, its "
         "validation split (reports/split.json) the thresholds and temperature.",
     ),
-    cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", help="Decoded-scan cache; default <var_dir>/cache."
-    ),
+    cache_dir: Path | None = _cache_dir_option(),
 ) -> None:
     """Fit MODEL's scope detector, temperature and flag thresholds; write trust.npz and the card."""
     from brainscan.modelrepo import ModelNotFound
@@ -379,7 +383,7 @@ def calibrate_command(
     from training.calibrate import calibrate_model, describe
 
     try:
-        card = calibrate_model(model, data, cache_dir or get_settings().var_dir / "cache")
+        card = calibrate_model(model, data, _decode_cache(cache_dir))
     except (ModelNotFound, ValueError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"{card.name}/{card.version}: calibrated ({model}/model.json, reports/reliability.png)")

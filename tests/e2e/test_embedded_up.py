@@ -94,12 +94,19 @@ def test_up_scores_a_scan_and_ctrl_c_stops_every_child(tiny_model_dir: Path, tmp
         "BRAINSCAN_TF_THREADS": "1",
     }
     log = tmp_path / "up.log"
+    # A stack stopped mid-upload left a temporary file behind (issue 13): swept before anything starts.
+    leftover = var_dir / "storage" / "tmp" / "upload-left-behind"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"x" * 4096)
     up = run_up(env, log)
     try:
         wait_for(lambda: "ready." in log.read_text() or up.poll() is not None, what="brainscan up")
         assert up.poll() is None, log.read_text()
         children = descendants(up.pid)
         assert len(children) >= 4  # redis, api, worker, beat
+        assert not leftover.exists()
+        assert "removed 1 leftover temporary file(s), 4096 bytes" in log.read_text()
+        assert (var_dir / "brainscan.db").stat().st_mode & 0o777 == 0o600  # owner-only
 
         key = (var_dir / "api-key").read_text().strip()
         assert key in log.read_text()

@@ -9,8 +9,8 @@ API's own JSON and ``results.csv``:
 - a JPEG and a zip holding a 2-frame DICOM: labels, positions (0-based, as the API and CSV number
   them), the CSV download, and the Grad-CAM viewer (scan | overlay, colour bar, opacity, class);
 - a 60-scan zip: rows come one page at a time, before and after a reload, and sort by confidence;
-- flagged rows (blank and colour pictures, out of scope) stand out: needs the flag fields of issue
-  11 in the item JSON, marked below.
+- flagged rows (blank and colour pictures, out of scope, scored by a calibrated tiny model the test
+  promotes) stand out, and the filter shows only them.
 
 Screenshots go to the test's tmp dir; docs/screenshot-web.png is made with the real model
 (scripts/screenshot_web.py), not the tiny one.
@@ -61,6 +61,19 @@ pytestmark = [
         not CHROMIUM.is_file(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium to run this test"
     ),
 ]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own repository (``tiny/1``, promoted; overrides conftest's), so that the
+    flagged-row test can promote a calibrated model into it without reaching other modules."""
+    from brainscan.modelrepo import promote
+    from tests.support.models import build_tiny_model
+
+    repo = tmp_path_factory.mktemp("web-models")
+    build_tiny_model(repo / "tiny" / "1")
+    promote(repo, "tiny", "1")
+    return repo
 
 
 @contextlib.contextmanager
@@ -278,19 +291,20 @@ def test_rows_load_a_page_at_a_time(
         assert errors == []
 
 
-# ---- needs issue 11's service side --------------------------------------------------------------
-# FLAGGED ROW: the item JSON must carry ``flag`` / ``flag_reason`` / ``scope_score`` (and ``label``
-# null when out of scope), the job JSON ``flags`` counts. Until the worker writes them this test
-# fails and is marked xfail(strict): once they land it passes, the strict mark turns that into a
-# failure, and the mark must be removed.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 service side: item JSON has no flag fields yet; remove this mark when it lands",
-)
+# ---- flagged rows (issue 11) --------------------------------------------------------------------
+# The item JSON carries ``flag`` / ``flag_reason`` / ``scope_score`` (``label`` null when out of
+# scope), the job JSON ``flags`` counts. Flags need a model with a fitted trust section: the test
+# promotes a calibrated tiny model (tests/support/trust.py) into this module's own repository, and
+# the worker serves it from its next batch on.
 def test_flagged_rows_stand_out(
     backend: Any, worker_process: Service, api_server: str, api_key: str, tmp_path: Path
 ) -> None:
     from PIL import Image, ImageDraw
+
+    from brainscan.modelrepo import promote
+    from tests.support.trust import build_calibrated_model
+
+    build_calibrated_model(backend.model_dir / "tiny-trust" / "1", tmp_path / "trust-data")
 
     blank = tmp_path / "blank.png"
     Image.new("L", (64, 64), 128).save(blank)
@@ -302,9 +316,15 @@ def test_flagged_rows_stand_out(
     scan.write_bytes(make_jpeg(seed=11, size=(64, 64)))
 
     with browser_page(api_server, api_key) as (page, errors, _):
-        job = upload_and_wait(page, [scan, blank, colour], total=3)
+        promote(backend.model_dir, "tiny-trust", "1")
+        try:
+            job = upload_and_wait(page, [scan, blank, colour], total=3)
+        finally:
+            promote(backend.model_dir, "tiny", "1")
         job_id = job.get_attribute("data-job-id")
-        items = api_get(api_server, api_key, f"/v1/jobs/{job_id}")["items"]
+        scored = api_get(api_server, api_key, f"/v1/jobs/{job_id}")
+        items = scored["items"]
+        assert scored["model"] == {"name": "tiny-trust", "version": "1"}
         # The service's side of the contract.
         assert [item["flag"] for item in items[1:]] == ["out_of_scope", "out_of_scope"], items
         assert all(item["label"] is None and item["flag_reason"] for item in items[1:])

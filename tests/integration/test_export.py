@@ -18,11 +18,11 @@ from brainscan.imaging import prepare
 from brainscan.modelrepo import ModelCard
 from brainscan.runtime import load_scorer
 from brainscan_cli.main import app
+from tests.support.models import grey_card, small_compact_keras
 from tests.support.training import write_dataset
 
 pytestmark = [pytest.mark.integration]
 runner = CliRunner()
-SIZE = 32
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +35,8 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Pat
     """A small compact-architecture model, fitted for a few steps so its outputs depend on the scans."""
     import keras
 
-    from training.architectures import CompactShape, build_compact
-
-    keras.utils.set_random_seed(0)
-    model = build_compact(SIZE, 1, CompactShape(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), stem_width=8))
-    card = ModelCard(
-        name="compact",
-        version="1",
-        input_size=(SIZE, SIZE),
-        channels=1,
-        preprocessing="none",
-        crop="brain",
-        architecture="compact",
-    )
+    model = small_compact_keras(seed=0)
+    card = grey_card()
     from brainscan import CLASSES
 
     files = sorted(dataset.rglob("*.*"))

@@ -133,10 +133,10 @@ def test_one_job_of_hostile_and_unusual_scans(stack: PrivateStack) -> None:
         "notes.jpg": b"Patient notes, plain text, not an image.\n",
         "bomb.png": pixel_bomb_png(),
         "animated.gif": animated("GIF"),
-        "animated.png": animated("PNG"),  # APNG: a PNG signature, so only the decoder can tell
+        "animated.png": animated("PNG"),  # APNG: a PNG signature; its header (acTL) says it is animated
     }
     body = post(stack, list(good.items()) + list(bad.items()))
-    assert (body["total"], body["failed"]) == (11, 3)  # text, bomb and GIF are refused at intake
+    assert (body["total"], body["failed"]) == (11, 4)  # text, bomb, GIF and APNG are refused at intake
     job = finished_job(stack, body["id"])
     assert (job["status"], job["total"], job["done"], job["failed"], job["pending"]) == (
         "partial",
@@ -158,12 +158,13 @@ def test_one_job_of_hostile_and_unusual_scans(stack: PrivateStack) -> None:
     # Intake's wording names the formats it takes (which may grow): compare with intake itself.
     assert errors["notes.jpg"] == describe_unsupported(bad["notes.jpg"])
     assert errors["notes.jpg"].startswith("unsupported file type: send JPEG")
-    assert errors["bomb.png"].startswith("image too large to decode safely: Image size (900000000 pixels)")
+    assert errors["bomb.png"] == "image too large to decode safely (decompression bomb guard)"
     assert errors["animated.gif"] == describe_unsupported(bad["animated.gif"])
     assert errors["animated.gif"].startswith("unsupported file type (GIF): send JPEG")
     assert errors["animated.png"] == "animated or multi-frame image: one frame per scan expected"
     # Refused at intake: nothing stored for them, so no worker ever opens them.
-    assert [items[n]["sha256"] for n in ("notes.jpg", "bomb.png", "animated.gif")] == [None, None, None]
+    refused = ("notes.jpg", "bomb.png", "animated.gif", "animated.png")
+    assert [items[n]["sha256"] for n in refused] == [None] * 4
     assert stack.worker.alive()
 
 

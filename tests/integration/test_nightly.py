@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,12 @@ def test_inbox_files_become_jobs(nightly_backend: Backend, nightly_worker: Servi
     with nightly_backend.active():
         again = CliRunner().invoke(app, ["nightly", "--now"])
     assert again.exit_code == 0 and "-> done/" not in again.output and "-> failed/" not in again.output
+    # Its report sums up the job that finished since, flags included (the tiny model is uncalibrated:
+    # raw confidences, so its flags can only be "uncertain").
+    uncertain = sum(1 for item in items if item.flag == "uncertain")
+    line = f"job {study_job} (nightly, succeeded): 4 scored, 0 failed, {uncertain} uncertain, 0 out of scope"
+    assert line in again.output
+    assert re.search(r"finished in the last 24 h: \d+ job\(s\)", again.output)
 
 
 def test_rescore_with_a_newly_promoted_model(

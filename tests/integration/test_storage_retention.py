@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from brainscan.db import Item, ItemStatus, Job, JobStatus, make_engine
 from brainscan.heatmaps import HeatmapStore
+from brainscan.migrate import upgrade
 from brainscan.storage import JobNotFinished, PurgeReport, ScanStore, purge_expired, purge_job_scans
+from tests.support.services import fresh_postgres, pg_reachable
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +26,30 @@ NOW = datetime.now(UTC)
 DAY = 86400
 
 
-@pytest.fixture(params=["sqlite_url", "postgres_url"])
-def session(request: pytest.FixtureRequest) -> Iterator[Session]:
-    engine = make_engine(request.getfixturevalue(request.param))
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_of_its_own(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh migrated database: retention purges every expired job in it, so it must be ours alone."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'retention.db'}"
+        upgrade(url)
+        yield url
+        return
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (user postgres)")
+    with fresh_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def session(database_of_its_own: str) -> Iterator[Session]:
+    engine = make_engine(database_of_its_own)
     with sessionmaker(bind=engine, expire_on_commit=False)() as session:
         yield session
     engine.dispose()
 
 
 def scan(store: ScanStore, name: str, days_old: float) -> str:
-    """A stored scan with unique bytes (the session's databases are shared), stored ``days_old`` ago."""
+    """A stored scan with unique bytes, stored ``days_old`` ago."""
     sha = store.put_bytes(f"{name}-{uuid.uuid4()}".encode())
     then = time.time() - days_old * DAY
     os.utime(store.path_for(sha), (then, then))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,12 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from brainscan.imaging import prepare
-from brainscan.modelrepo import ModelCard, ModelNotFound, read_card
+from brainscan.modelrepo import ModelNotFound, read_card
 from brainscan.runtime import load_scorer
 from brainscan.trust import TRUST_FILE
+from tests.support.models import grey_card, tiny_feature_keras
 from tests.support.training import write_dataset
 
-SIZE = 32
 VARIANTS = ("savedmodel", "tflite", "tflite-int8")
 
 
@@ -50,31 +51,6 @@ def _negatives() -> dict[str, bytes]:
     }
 
 
-def _tiny_keras(seed: int = 0, size: int = SIZE, channels: int = 1):  # type: ignore[no-untyped-def]
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((size, size, channels), name="pixels")
-    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = keras.layers.Dense(4, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs)
-
-
-def _card(name: str = "tiny") -> ModelCard:
-    return ModelCard(
-        name=name,
-        version="1",
-        input_size=(SIZE, SIZE),
-        channels=1,
-        preprocessing="none",
-        crop="brain",
-        architecture="tiny-cnn",
-    )
-
-
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from training.calibrate import calibrate_model
@@ -83,8 +59,8 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("trust")
     data = write_dataset(root / "data", per_class=12, size=64)
     folder = root / "models" / "tiny" / "1"
-    export_savedmodel(_tiny_keras(), folder)
-    _card().write(folder)
+    export_savedmodel(tiny_feature_keras(), folder)
+    grey_card("tiny", architecture="tiny-cnn").write(folder)
     files = sorted(str(p.relative_to(data)) for p in data.rglob("*.*"))
     validation = files[::3]
     (folder / "reports").mkdir()
@@ -112,6 +88,25 @@ def test_calibration_writes_the_card_section_and_files(calibrated: dict) -> None
     saved = json.loads((folder / "reports" / "calibration.json").read_text())
     assert saved["trust"]["temperature"] == pytest.approx(trust.temperature)
     assert set(card.variants) == {"tflite", "tflite-int8"}
+
+
+def test_recalibrating_with_variants_sets_one_threshold_that_holds_for_each(
+    calibrated: dict, tmp_path: Path
+) -> None:
+    from training.calibrate import calibrate_model
+
+    folder = tmp_path / "tiny" / "1"
+    shutil.copytree(calibrated["folder"], folder)
+    card = calibrate_model(folder, calibrated["data"], cache_dir=None)
+    assert card.trust is not None
+    per_variant = card.trust.validation["variants"]
+    assert set(per_variant) == {"tflite", "tflite-int8"}
+    saved_model_alone = calibrated["card"].trust.uncertain_below
+    # The shared threshold is the strictest of the formats' own (each fitted on the validation split).
+    own = [figures["own_uncertain_below"] for figures in per_variant.values()]
+    assert card.trust.uncertain_below == pytest.approx(max([saved_model_alone, *own]))
+    for figures in per_variant.values():
+        assert 0.0 <= figures["unflagged_share"] <= 1.0 and 0.0 <= figures["accuracy"] <= 1.0
 
 
 def test_every_format_returns_features_and_the_same_flags(calibrated: dict) -> None:
@@ -184,7 +179,7 @@ def test_the_worker_engine_hands_on_flags(calibrated: dict) -> None:
 
 
 def test_a_card_less_export_still_loads_with_raw_confidence_flags(tmp_path: Path) -> None:
-    model = _tiny_keras(seed=1, size=224, channels=3)  # the original contract's input, a tiny network
+    model = tiny_feature_keras(seed=1, size=224, channels=3)  # the original contract's input, a tiny network
     folder = tmp_path / "original" / "1"
     model.export(str(folder), verbose=False)  # one output, output_0; no card
     scorer = load_scorer(folder, model_format="savedmodel")
@@ -202,9 +197,62 @@ def test_a_card_less_export_still_loads_with_raw_confidence_flags(tmp_path: Path
 
 def test_a_detector_without_a_features_output_is_refused(calibrated: dict, tmp_path: Path) -> None:
     folder = tmp_path / "stale" / "1"
-    _tiny_keras().export(str(folder), verbose=False)
+    tiny_feature_keras().export(str(folder), verbose=False)
     card = read_card(calibrated["folder"]).model_copy(update={"variants": {}, "name": "stale"})
     card.write(folder)
     (folder / TRUST_FILE).write_bytes((calibrated["folder"] / TRUST_FILE).read_bytes())
     with pytest.raises(ModelNotFound, match="brainscan calibrate"):
         load_scorer(folder, model_format="savedmodel")
+
+
+def test_calibrate_and_evaluate_commands(calibrated: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from brainscan_cli.main import app
+    from training.export import export_savedmodel
+
+    folder = tmp_path / "models" / "fresh" / "1"
+    export_savedmodel(tiny_feature_keras(seed=3), folder)
+    grey_card("fresh", architecture="tiny-cnn").write(folder)
+    (folder / "reports").mkdir()
+    split = calibrated["folder"] / "reports" / "split.json"
+    (folder / "reports" / "split.json").write_text(split.read_text())
+    runner = CliRunner()
+    data = str(calibrated["data"])
+    result = runner.invoke(
+        app, ["calibrate", "--model", str(folder), "--data", data, "--cache-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "temperature" in result.output and "detector: mahalanobis, 8 features" in result.output
+    assert read_card(folder).trust is not None
+
+    negatives = tmp_path / "negatives"
+    for family, (name, payload) in zip(("blank", "colour"), list(_negatives().items())[:2], strict=True):
+        (negatives / family).mkdir(parents=True)
+        (negatives / family / f"{name}.png").write_bytes(payload)
+    (negatives / "notes.txt").write_bytes(b"not an image")  # refused at decode: counts as flagged
+    report = tmp_path / "evaluation.json"
+    args = [
+        "evaluate",
+        "--data",
+        data,
+        "--model",
+        str(folder),
+        "--json",
+        str(report),
+        "--ood",
+        str(negatives),
+    ]
+    result = runner.invoke(app, [*args, "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(report.read_text())
+    trust = evaluation["trust"]
+    assert {"ece_before", "ece_after", "nll_before", "nll_after", "unflagged_share"} <= set(trust)
+    ood = evaluation["ood"]
+    assert set(ood["families"]) == {"blank", "colour", "."}
+    assert ood["families"]["."] == pytest.approx(
+        {**ood["families"]["."], "n": 1, "refused": 1, "flagged_or_refused_share": 1.0}
+    )
+    assert ood["families"]["blank"]["out_of_scope"] == 1 and ood["overall"]["n"] == 3
+    # Input checks refuse both generated images outright: they rank above every scan.
+    assert ood["overall"]["auroc"] == 1.0 and ood["overall"]["flagged_or_refused_share"] == 1.0

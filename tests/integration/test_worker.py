@@ -136,12 +136,12 @@ def test_duplicate_delivery_is_written_once(backend: Backend, worker_process: Se
     assert all(item.status == "succeeded" for item in items)
 
     # The same guarantee at the function level: finalising already-final items changes nothing.
+    from brainscan.trust import decide
     from worker.tasks import Outcome, finalize
 
+    verdict = decide(np.array([[1.0, 0, 0, 0]]), uncertain_below=0.9)[0]
     with backend.active():
-        moved = finalize(
-            [Outcome(item.id, job_id, "succeeded", np.array([1.0, 0, 0, 0])) for item in items], "tiny", "1"
-        )
+        moved = finalize([Outcome(item.id, job_id, "succeeded", verdict) for item in items], "tiny", "1")
     assert moved == {}
     job_after, items_after = items_of(backend, job_id)
     assert (job_after.done, job_after.failed) == (5, 0)

@@ -63,7 +63,8 @@ class RedisServer:
 
 # ---- a TCP proxy in front of PostgreSQL that can be cut --------------------------------------
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new ones.
+    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new ones,
+    ``freeze()`` keeps them open but forwards nothing (a hung server) until ``thaw()``.
 
     The database stays up for everyone else; only the processes that go through the proxy see an
     outage, exactly as they would see a PostgreSQL restart (reset connections, then refusals).
@@ -73,6 +74,8 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
+        self.flowing = asyncio.Event()  # cleared by freeze(): connections stay open, nothing moves
+        self.flowing.set()
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, name="tcp-proxy", daemon=True)
@@ -85,6 +88,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                await self.flowing.wait()
                 writer.write(data)
                 await writer.drain()
         with contextlib.suppress(Exception):
@@ -123,6 +127,14 @@ class TcpProxy:
 
     def cut(self) -> None:
         self._call(self._cut())
+
+    def freeze(self) -> None:
+        """A hung peer: connections are accepted and stay open, but no byte is forwarded either way."""
+        self.loop.call_soon_threadsafe(self.flowing.clear)
+
+    def thaw(self) -> None:
+        """Forward again (bytes held during the freeze go through first)."""
+        self.loop.call_soon_threadsafe(self.flowing.set)
 
     def close(self) -> None:
         self.cut()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -52,6 +53,46 @@ def build_tiny_model(
             metrics={"note": "random weights, tests only"},
         ).write(folder)
     return folder
+
+
+def grey_card(name: str = "compact", architecture: str = "compact", **fields: Any) -> ModelCard:
+    """The card of a one-channel 32x32 model that takes brain-cropped raw pixels (preprocessing none)."""
+    return ModelCard(
+        **{
+            "name": name,
+            "version": "1",
+            "input_size": (TINY_SIZE, TINY_SIZE),
+            "channels": 1,
+            "preprocessing": "none",
+            "crop": "brain",
+            "architecture": architecture,
+            **fields,
+        }
+    )
+
+
+def small_compact_keras(seed: int = 0):  # type: ignore[no-untyped-def]
+    """The compact architecture (``training.architectures``), narrowed for tests: 32x32, one channel."""
+    import keras
+
+    from training.architectures import CompactShape, build_compact
+
+    keras.utils.set_random_seed(seed)
+    return build_compact(TINY_SIZE, 1, CompactShape(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), stem_width=8))
+
+
+def tiny_feature_keras(seed: int = 0, size: int = TINY_SIZE, channels: int = 1):  # type: ignore[no-untyped-def]
+    """A tiny conv net with named layers (``pool`` gives the features ``export_savedmodel`` serves)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, channels), name="pixels")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(4, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs)
 
 
 def build_original_resnet50(folder: Path, seed: int = 0):  # type: ignore[no-untyped-def]

@@ -214,6 +214,21 @@ def test_several_models_and_no_promotion_is_an_error_that_says_what_to_do(tmp_pa
     assert served(tmp_path)[:2] == ("beta", "1")
 
 
+def test_a_version_alone_with_several_models_says_a_name_is_needed_not_none_promoted(
+    tmp_path: Path,
+) -> None:
+    add_model(tmp_path, "alpha", "1")
+    add_model(tmp_path, "beta", "1")
+    promote(tmp_path, "beta", "1")  # a promotion exists: "none promoted" would be untrue
+    with pytest.raises(ModelNotFound) as raised:
+        resolve_model(tmp_path, version="1")
+    assert str(raised.value) == (
+        f"several models in {tmp_path} (alpha, beta) have version 1: "
+        "a version alone does not choose a model; set BRAINSCAN_MODEL_NAME too"
+    )
+    assert resolve_model(tmp_path, "alpha", "1").path == tmp_path / "alpha" / "1"
+
+
 def test_a_broken_card_is_not_silently_skipped(tmp_path: Path) -> None:
     folder = add_model(tmp_path, "tiny", "1")
     (folder / CARD_FILE).write_text('{"name": "tiny"}')  # no version

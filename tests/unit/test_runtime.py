@@ -12,20 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from brainscan import CLASSES
 from brainscan.imaging import normalize
-from brainscan.modelrepo import ModelCard, ModelNotFound, promote
+from brainscan.modelrepo import ModelNotFound, promote
 from brainscan.runtime import load_scorer, predict_in_batches
+from tests.support.models import TINY_SIZE, grey_card, small_compact_keras
 
-SIZE = 32
+SIZE = TINY_SIZE  # the side of grey_card's and small_compact_keras' input
 
 
 def _compact_keras(seed: int = 0):  # type: ignore[no-untyped-def]
     """The compact architecture, narrowed for a test, with its BatchNorm statistics made non-trivial."""
     import keras
 
-    from training.architectures import CompactShape, build_compact
-
-    keras.utils.set_random_seed(seed)
-    model = build_compact(SIZE, 1, CompactShape(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), stem_width=8))
+    model = small_compact_keras(seed)
     # Fresh BatchNorm layers are identities and zero-initialised gammas mute the residual branches;
     # give them values so the export is compared on a network that actually mixes its inputs.
     rng = np.random.default_rng(seed)
@@ -43,27 +41,13 @@ def _compact_keras(seed: int = 0):  # type: ignore[no-untyped-def]
     return model
 
 
-def _card(**overrides) -> ModelCard:  # type: ignore[no-untyped-def]
-    fields = dict(
-        name="compact",
-        version="1",
-        input_size=(SIZE, SIZE),
-        channels=1,
-        preprocessing="none",
-        crop="brain",
-        architecture="compact",
-    )
-    fields.update(overrides)
-    return ModelCard(**fields)
-
-
 @pytest.fixture(scope="module")
 def compact(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = _compact_keras()
     repo = tmp_path_factory.mktemp("models")
     folder = repo / "compact" / "1"
     model.export(str(folder), format="tf_saved_model", verbose=False)
-    _card().write(folder)
+    grey_card().write(folder)
     pixels = np.random.default_rng(1).integers(0, 256, (7, SIZE, SIZE, 1)).astype(np.float32)
     return {"model": model, "repo": repo, "folder": folder, "pixels": pixels}
 
@@ -120,7 +104,7 @@ def test_outputs_follow_CLASSES_whatever_order_the_card_lists(compact: dict, tmp
     folder = tmp_path / "reordered" / "1"
     shutil.copytree(compact["folder"], folder)
     reversed_classes = list(reversed(CLASSES))
-    _card(classes=reversed_classes).write(folder)
+    grey_card(classes=reversed_classes).write(folder)
     plain = load_scorer(compact["folder"], model_format="savedmodel").predict(compact["pixels"])
     reordered = load_scorer(folder, model_format="savedmodel").predict(compact["pixels"])
     # The model's column k means reversed_classes[k]; the scorer returns CLASSES order.

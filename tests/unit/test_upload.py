@@ -18,9 +18,12 @@ from starlette.requests import Request
 from api.upload import (
     FILE_FIELD,
     MAX_FIELD_BYTES,
+    MAX_FIELDS,
     MAX_HEADER_BYTES,
     MalformedUpload,
     SpooledForm,
+    TooManyFiles,
+    UploadTimeout,
     UploadTooLarge,
     boundary_of,
     spool_multipart,
@@ -87,8 +90,10 @@ def request_for(
     return Request(scope, receive)
 
 
-def spool(request: Request, tmp_dir: Path, max_bytes: int = 10_000_000, max_parts: int = 100) -> SpooledForm:
-    return asyncio.run(spool_multipart(request, tmp_dir, max_bytes, max_parts))
+def spool(
+    request: Request, tmp_dir: Path, max_bytes: int = 10_000_000, max_files: int = 100, **timeouts: float
+) -> SpooledForm:
+    return asyncio.run(spool_multipart(request, tmp_dir, max_bytes, max_files, **timeouts))
 
 
 def left_in(tmp_dir: Path) -> list[str]:
@@ -201,17 +206,77 @@ def test_a_body_of_exactly_the_cap_is_accepted(tmp_path: Path) -> None:
     assert [f.size for f in form.files] == [500]
 
 
-def test_more_parts_than_allowed_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
+def test_more_files_than_allowed_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
     body = body_of(*(part(FILE_FIELD, f"scan {i}".encode(), f"{i}.jpg") for i in range(3)))
-    with pytest.raises(UploadTooLarge, match=r"^more than 2 parts in one request$"):
-        spool(request_for(body, chunk=16), tmp_path / "tmp", max_parts=2)
+    with pytest.raises(TooManyFiles, match=r"^more than 2 files in one request$"):
+        spool(request_for(body, chunk=16), tmp_path / "tmp", max_files=2)
     assert left_in(tmp_path / "tmp") == []  # the two parts already spooled are removed
 
 
-def test_exactly_the_allowed_number_of_parts_is_accepted(tmp_path: Path) -> None:
-    body = body_of(*(part(FILE_FIELD, f"scan {i}".encode(), f"{i}.jpg") for i in range(3)))
-    form = spool(request_for(body), tmp_path / "tmp", max_parts=3)
+def test_exactly_the_allowed_number_of_files_plus_form_fields_is_accepted(tmp_path: Path) -> None:
+    # Form fields do not count towards the file limit (they did: a full job plus callback_url was 413).
+    files = [part(FILE_FIELD, f"scan {i}".encode(), f"{i}.jpg") for i in range(3)]
+    body = body_of(*files, part("callback_url", b"http://example.org/done"), part("gradcam", b"true"))
+    form = spool(request_for(body), tmp_path / "tmp", max_files=3)
     assert [f.path.read_bytes() for f in form.files] == [b"scan 0", b"scan 1", b"scan 2"]
+    assert form.fields == {"callback_url": "http://example.org/done", "gradcam": "true"}
+
+
+def test_form_fields_past_their_count_are_malformed(tmp_path: Path) -> None:
+    body = body_of(*(part(f"f{i}", b"x") for i in range(MAX_FIELDS + 1)))
+    with pytest.raises(MalformedUpload, match=rf"^more than {MAX_FIELDS} form fields$"):
+        spool(request_for(body), tmp_path / "tmp")
+
+
+def test_malformed_body_errors_quote_nothing_from_the_body(tmp_path: Path) -> None:
+    # python-multipart says e.g. "Expected boundary character 45, got 115 at index 4": bytes of the body.
+    for body in (b"--" + b"secret" * 10 + b"\r\n", b"--" + BOUNDARY.encode() + b"!secret\r\n"):
+        with pytest.raises(MalformedUpload) as refused:
+            spool(request_for(body, chunk=7), tmp_path / "tmp")
+        assert str(refused.value) == "malformed multipart body"
+    assert left_in(tmp_path / "tmp") == []
+
+
+def stalled_request(body: bytes, chunks_before_stall: int) -> Request:
+    """A client that sends a few chunks of ``body`` and then nothing more (a slow-loris body)."""
+    chunks = [body[i : i + 16] for i in range(0, len(body), 16)][:chunks_before_stall]
+
+    async def receive() -> dict:
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/jobs",
+        "query_string": b"",
+        "headers": [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())],
+    }
+    return Request(scope, receive)
+
+
+def test_a_stalled_body_times_out_and_leaves_nothing(tmp_path: Path) -> None:
+    body = body_of(part(FILE_FIELD, b"x" * 1000, "a.jpg"))
+    with pytest.raises(UploadTimeout):
+        spool(stalled_request(body, 4), tmp_path / "tmp", idle_timeout_s=0.2, timeout_s=60)
+    assert left_in(tmp_path / "tmp") == []  # the spool file of the part begun is removed
+
+
+def test_a_body_that_keeps_trickling_meets_the_overall_deadline(tmp_path: Path) -> None:
+    body = body_of(part(FILE_FIELD, b"x" * 100_000, "a.jpg"))
+    chunks = [body[i : i + 10] for i in range(0, len(body), 10)]
+
+    async def receive() -> dict:
+        await asyncio.sleep(0.01)  # always under the idle timeout
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    request = stalled_request(body, 0)
+    request._receive = receive  # the same request, trickling instead of stalling
+    with pytest.raises(UploadTimeout):
+        spool(request, tmp_path / "tmp", idle_timeout_s=5, timeout_s=0.3)
+    assert left_in(tmp_path / "tmp") == []
 
 
 # ---- malformed bodies: 400 ---------------------------------------------------------------------
@@ -256,7 +321,7 @@ def test_a_body_without_its_closing_boundary_is_malformed(tmp_path: Path) -> Non
 
 def test_a_body_with_another_boundary_is_malformed(tmp_path: Path) -> None:
     body = body_of(part(FILE_FIELD, b"x", "x.jpg"), boundary="some-other-boundary")
-    with pytest.raises(MalformedUpload, match=r"^malformed multipart body: "):
+    with pytest.raises(MalformedUpload, match=r"^malformed multipart body$"):
         spool(request_for(body), tmp_path / "tmp")
     assert left_in(tmp_path / "tmp") == []
 
@@ -286,9 +351,7 @@ def test_a_part_without_a_form_data_name_is_malformed(tmp_path: Path, headers: b
 
 def test_a_form_field_over_its_cap_is_malformed(tmp_path: Path) -> None:
     body = body_of(part("callback_url", b"h" * (MAX_FIELD_BYTES + 1)))
-    with pytest.raises(
-        MalformedUpload, match=rf"^form field 'callback_url' longer than {MAX_FIELD_BYTES} bytes$"
-    ):
+    with pytest.raises(MalformedUpload, match=rf"^a form field is longer than {MAX_FIELD_BYTES} bytes$"):
         spool(request_for(body, chunk=1000), tmp_path / "tmp")
 
 
@@ -306,12 +369,12 @@ def test_a_form_field_of_exactly_its_cap_is_kept(tmp_path: Path) -> None:
         # one header over the cap: python-multipart's own limit
         (
             b"X-A: " + b"p" * (MAX_HEADER_BYTES + 1) + b"\r\n",
-            r"^malformed multipart body: Maximum header size",
+            r"^part headers too long$",
         ),
         # many short headers
         (
             b"".join(b"X-%d: v\r\n" % i for i in range(200)),
-            r"^malformed multipart body: Maximum header count",
+            r"^too many part headers$",
         ),
     ],
 )
