@@ -136,8 +136,6 @@ def calibrate_model(
     batch_size: int = 64,
 ) -> ModelCard:
     """Fit and write the model folder's trust section (see the module doc); returns the new card."""
-    from training.data import load_scanset
-
     model_dir = Path(model_dir)
     if not (model_dir / "saved_model.pb").is_file():
         raise ModelNotFound(f"{model_dir} holds no saved_model.pb")
@@ -147,89 +145,37 @@ def calibrate_model(
     card = read_card(model_dir)
     if card.card_less:
         card = card.model_copy(update={"card_less": False})
-    held_out = validation_paths(model_dir)
-    scans = load_scanset(Path(data_dir), card.input_spec, cache_dir)
-    is_validation = np.array([p in held_out for p in scans.paths])
-    if not is_validation.any():
-        raise ValueError(f"none of {data_dir}'s files is in the model's reports/split.json")
-    train, val = scans.subset(~is_validation), scans.subset(is_validation)
-    if card.data_fingerprint and card.data_fingerprint != scans.fingerprint:
-        notes.append(f"{data_dir}'s fingerprint differs from the card's: not the folder it was trained on")
-    _log(f"calibrate: {len(train.labels)} training / {len(val.labels)} validation scans")
+    train, val, fingerprint = _split_scans(model_dir, Path(data_dir), card, cache_dir, notes)
 
     scorer = load_savedmodel(model_dir, card)
     val_probs, val_features = model_outputs(scorer, val.pixels, card.preprocessing, batch_size)
-
-    # Input checks: kept only where the model's own training scans pass them.
-    checks = InputChecks()
-    train_findings = input_findings(Path(data_dir), train.paths, checks)
-    for code in list(checks.enabled):
-        share = float(np.mean([f == code for f in train_findings]))
-        if share > MAX_INPUT_CHECK_SHARE:
-            checks.enabled.remove(code)
-            notes.append(f"input check {code} dropped: it flags {share:.2%} of the training split")
-    val_findings = input_findings(Path(data_dir), val.paths, checks)
-    failed_check = np.array([f is not None for f in val_findings])
-
-    # Scope detector: fitted on the training split, thresholded on the validation split.
-    detector = None
-    distances = np.zeros(len(val.labels))
-    if val_features is not None:
-        _, train_features = model_outputs(scorer, train.pixels, card.preprocessing, batch_size)
-        assert train_features is not None
-        try:
-            fitted = ScopeDetector.fit(train_features, train.labels, shrinkage=shrinkage)
-        except ValueError as exc:  # a smoke run on a handful of scans: serve without a detector
-            notes.append(f"no scope detector: {exc}")
-        else:
-            distances = fitted.distances(val_features)
-            passing = distances[~failed_check]
-            detector = fitted.with_threshold(quantile_threshold(passing, max_out_of_scope))
-            detector.save(model_dir / TRUST_FILE)
+    checks = _fit_input_checks(Path(data_dir), train.paths, notes)
+    failed_check = np.array([f is not None for f in input_findings(Path(data_dir), val.paths, checks)])
+    detector = _fit_detector(
+        scorer, card, train, val_features, failed_check, shrinkage, max_out_of_scope, batch_size, notes
+    )
+    if detector is not None:
+        detector.save(model_dir / TRUST_FILE)
+    distances = detector.distances(val_features) if detector is not None else np.zeros(len(val.labels))
     out_of_scope = failed_check | (distances > detector.threshold if detector else False)
 
     # Temperature on all validation scans; the uncertainty threshold on those left in scope.
     temperature = fit_temperature(val_probs, val.labels)
     calibrated = apply_temperature(val_probs, temperature)
-    confidence = calibrated.max(axis=1)
-    correct = calibrated.argmax(axis=1) == val.labels
-    in_scope = ~out_of_scope
-    threshold = uncertain_threshold(confidence[in_scope], correct[in_scope], target_accuracy)
+    threshold = uncertain_threshold(
+        calibrated.max(axis=1)[~out_of_scope],
+        (calibrated.argmax(axis=1) == val.labels)[~out_of_scope],
+        target_accuracy,
+    )
+    variants = _variant_thresholds(
+        model_dir, card, val, failed_check, detector, temperature, target_accuracy, batch_size
+    )
     # One threshold for every format the folder can serve: an int8 variant's confidences differ
-    # slightly, so take the strictest of the per-format thresholds (each still fitted on validation).
-    variant_figures = {}
-    for variant in DEFAULT_VARIANT_FILES:
-        if variant not in card.variants:
-            continue
-        variant_scorer = load_tflite(variant_file(ModelRef(model_dir, card), variant), card, variant=variant)
-        v_probs, v_features = model_outputs(variant_scorer, val.pixels, card.preprocessing, batch_size)
-        far = detector is not None and v_features is not None
-        v_out = failed_check | (detector.distances(v_features) > detector.threshold if far else False)
-        v_calibrated = apply_temperature(v_probs, temperature)
-        v_confidence, v_correct = v_calibrated.max(axis=1), v_calibrated.argmax(axis=1) == val.labels
-        v_threshold = uncertain_threshold(v_confidence[~v_out], v_correct[~v_out], target_accuracy)
-        variant_figures[variant] = {"uncertain_below": v_threshold, "probs": v_calibrated, "out": v_out}
-        threshold = max(threshold, v_threshold)
-    unflagged = in_scope & (confidence >= threshold)
-    validation = {
-        "n": len(val.labels),
-        "out_of_scope_share": float(out_of_scope.mean()),
-        "out_of_scope_by_input_checks": int(failed_check.sum()),
-        "uncertain_share": float((in_scope & ~unflagged).mean()),
-        "unflagged_share": float(unflagged.mean()),
-        "unflagged_accuracy": float(correct[unflagged].mean()) if unflagged.any() else None,
-        "accuracy": float(correct.mean()),
-        "target_met": bool(unflagged.any() and correct[unflagged].mean() >= target_accuracy),
-        "ece_before": expected_calibration_error(val_probs, val.labels),
-        "ece_after": expected_calibration_error(calibrated, val.labels),
-        "nll_before": negative_log_likelihood(val_probs, val.labels),
-        "nll_after": negative_log_likelihood(calibrated, val.labels),
-        "variants": {
-            name: _variant_validation(figures["probs"], figures["out"], val.labels, threshold)
-            | {"own_uncertain_below": figures["uncertain_below"]}
-            for name, figures in variant_figures.items()
-        },
-    }
+    # slightly, so take the strictest of the per-format thresholds (each fitted on validation).
+    threshold = max([threshold, *(v["uncertain_below"] for v in variants.values())])
+    validation = _validation_figures(
+        val_probs, calibrated, out_of_scope, failed_check, val.labels, threshold, target_accuracy, variants
+    )
     trust = TrustCard(
         temperature=temperature,
         uncertain_below=threshold,
@@ -245,7 +191,7 @@ def calibrate_model(
         input_checks=checks,
         fitted_on={
             "data_dir": str(data_dir),
-            "data_fingerprint": scans.fingerprint,
+            "data_fingerprint": fingerprint,
             "detector": f"{len(train.labels)} training-split scans (split.json's complement)",
             "thresholds_and_temperature": f"{len(val.labels)} validation-split scans (reports/split.json)",
             "notes": notes,
@@ -255,22 +201,143 @@ def calibrate_model(
     )
     card = card.model_copy(update={"trust": trust})
     card.write(model_dir)
-    reports = model_dir / "reports"
+    _write_reports(model_dir / "reports", trust, val_probs, calibrated, val.labels)
+    return card
+
+
+def _split_scans(
+    model_dir: Path, data_dir: Path, card: ModelCard, cache_dir: Path | None, notes: list[str]
+) -> tuple[Any, Any, str]:
+    """(training split, validation split, data fingerprint): the model's own split (reports/split.json)."""
+    from training.data import load_scanset
+
+    held_out = validation_paths(model_dir)
+    scans = load_scanset(data_dir, card.input_spec, cache_dir)
+    is_validation = np.array([p in held_out for p in scans.paths])
+    if not is_validation.any():
+        raise ValueError(f"none of {data_dir}'s files is in the model's reports/split.json")
+    train, val = scans.subset(~is_validation), scans.subset(is_validation)
+    if card.data_fingerprint and card.data_fingerprint != scans.fingerprint:
+        notes.append(f"{data_dir}'s fingerprint differs from the card's: not the folder it was trained on")
+    _log(f"calibrate: {len(train.labels)} training / {len(val.labels)} validation scans")
+    return train, val, scans.fingerprint
+
+
+def _fit_input_checks(data_dir: Path, train_paths: list[str], notes: list[str]) -> InputChecks:
+    """The input checks, keeping only those the model's own training scans pass."""
+    checks = InputChecks()
+    train_findings = input_findings(data_dir, train_paths, checks)
+    for code in list(checks.enabled):
+        share = float(np.mean([f == code for f in train_findings]))
+        if share > MAX_INPUT_CHECK_SHARE:
+            checks.enabled.remove(code)
+            notes.append(f"input check {code} dropped: it flags {share:.2%} of the training split")
+    return checks
+
+
+def _fit_detector(  # type: ignore[no-untyped-def]
+    scorer: Scorer,
+    card: ModelCard,
+    train,
+    val_features: np.ndarray | None,
+    failed_check: np.ndarray,
+    shrinkage: float,
+    max_out_of_scope: float,
+    batch_size: int,
+    notes: list[str],
+) -> ScopeDetector | None:
+    """Fitted on the training split's features, thresholded on the validation split's."""
+    if val_features is None:
+        return None
+    _, train_features = model_outputs(scorer, train.pixels, card.preprocessing, batch_size)
+    assert train_features is not None
+    try:
+        fitted = ScopeDetector.fit(train_features, train.labels, shrinkage=shrinkage)
+    except ValueError as exc:  # a smoke run on a handful of scans: serve without a detector
+        notes.append(f"no scope detector: {exc}")
+        return None
+    passing = fitted.distances(val_features)[~failed_check]
+    return fitted.with_threshold(quantile_threshold(passing, max_out_of_scope))
+
+
+def _variant_thresholds(  # type: ignore[no-untyped-def]
+    model_dir: Path,
+    card: ModelCard,
+    val,
+    failed_check: np.ndarray,
+    detector: ScopeDetector | None,
+    temperature: float,
+    target_accuracy: float,
+    batch_size: int,
+) -> dict[str, dict[str, Any]]:
+    """Each TFLite variant's own uncertainty threshold, calibrated probabilities and scope decisions."""
+    figures: dict[str, dict[str, Any]] = {}
+    for variant in DEFAULT_VARIANT_FILES:
+        if variant not in card.variants:
+            continue
+        scorer = load_tflite(variant_file(ModelRef(model_dir, card), variant), card, variant=variant)
+        probs, features = model_outputs(scorer, val.pixels, card.preprocessing, batch_size)
+        far = detector is not None and features is not None
+        out = failed_check | (detector.distances(features) > detector.threshold if far else False)  # type: ignore[union-attr]
+        calibrated = apply_temperature(probs, temperature)
+        confidence, correct = calibrated.max(axis=1), calibrated.argmax(axis=1) == val.labels
+        own = uncertain_threshold(confidence[~out], correct[~out], target_accuracy)
+        figures[variant] = {"uncertain_below": own, "probs": calibrated, "out": out}
+    return figures
+
+
+def _validation_figures(
+    raw: np.ndarray,
+    calibrated: np.ndarray,
+    out_of_scope: np.ndarray,
+    failed_check: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    target_accuracy: float,
+    variants: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The card's ``trust.validation``: flag shares and calibration on the validation split, per format."""
+    correct = calibrated.argmax(axis=1) == labels
+    in_scope = ~out_of_scope
+    unflagged = in_scope & (calibrated.max(axis=1) >= threshold)
+    return {
+        "n": len(labels),
+        "out_of_scope_share": float(out_of_scope.mean()),
+        "out_of_scope_by_input_checks": int(failed_check.sum()),
+        "uncertain_share": float((in_scope & ~unflagged).mean()),
+        "unflagged_share": float(unflagged.mean()),
+        "unflagged_accuracy": float(correct[unflagged].mean()) if unflagged.any() else None,
+        "accuracy": float(correct.mean()),
+        "ece_before": expected_calibration_error(raw, labels),
+        "ece_after": expected_calibration_error(calibrated, labels),
+        "nll_before": negative_log_likelihood(raw, labels),
+        "nll_after": negative_log_likelihood(calibrated, labels),
+        "target_met": bool(unflagged.any() and correct[unflagged].mean() >= target_accuracy),
+        "variants": {
+            name: _variant_validation(v["probs"], v["out"], labels, threshold)
+            | {"own_uncertain_below": v["uncertain_below"]}
+            for name, v in variants.items()
+        },
+    }
+
+
+def _write_reports(
+    reports: Path, trust: TrustCard, raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray
+) -> None:
     reports.mkdir(exist_ok=True)
     (reports / "calibration.json").write_text(
         json.dumps(
             {
                 "trust": trust.model_dump(mode="json"),
-                "reliability_before": reliability_bins(val_probs, val.labels),
-                "reliability_after": reliability_bins(calibrated, val.labels),
+                "reliability_before": reliability_bins(raw, labels),
+                "reliability_after": reliability_bins(calibrated, labels),
                 "reasons": REASONS,
             },
             indent=2,
         )
         + "\n"
     )
-    plot_reliability(val_probs, calibrated, val.labels, temperature, reports / "reliability.png")
-    return card
+    plot_reliability(raw, calibrated, labels, trust.temperature, reports / "reliability.png")
 
 
 def _variant_validation(
