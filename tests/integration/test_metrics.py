@@ -16,9 +16,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from brainscan.db import Item, Job
-from brainscan.migrate import upgrade
 from tests.support.api import Api, make_api
-from tests.support.services import flushed_broker, fresh_postgres, pg_reachable
+from tests.support.services import flushed_broker, own_database
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +32,7 @@ def metrics_broker() -> Iterator[str]:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A database of this module's own: the figures are over every row, so no other test may add any."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('metrics-db') / 'brainscan.db'}"
-        upgrade(url)
-        yield url
-        return
-    if not pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (user postgres)")
-    with fresh_postgres() as url:
+    with own_database(request.param, tmp_path_factory.mktemp("metrics-db")) as url:
         yield url
 
 

@@ -16,9 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from brainscan.db import Item, ItemStatus, Job, JobStatus, make_engine
 from brainscan.heatmaps import HeatmapStore
-from brainscan.migrate import upgrade
 from brainscan.storage import JobNotFinished, PurgeReport, ScanStore, purge_expired, purge_job_scans
-from tests.support.services import fresh_postgres, pg_reachable
+from tests.support.services import own_database
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +27,8 @@ DAY = 86400
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_of_its_own(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh migrated database: retention purges every expired job in it, so it must be ours alone."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'retention.db'}"
-        upgrade(url)
-        yield url
-        return
-    if not pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (user postgres)")
-    with fresh_postgres() as url:
+    """Retention purges every expired job in the database, so it must be this test's alone."""
+    with own_database(request.param, tmp_path) as url:
         yield url
 
 

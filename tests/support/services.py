@@ -11,6 +11,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,23 @@ def fresh_postgres() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextlib.contextmanager
+def own_database(kind: str, folder: Path) -> Iterator[str]:
+    """A fresh migrated database of one test's own ("sqlite" in ``folder``, or "postgres"; skips if the
+    server is not reachable), for tests whose figures or purges span every row of the database."""
+    from brainscan.migrate import upgrade
+
+    if kind == "sqlite":
+        url = f"sqlite:///{folder / 'brainscan.db'}"
+        upgrade(url)
+        yield url
+        return
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (user postgres)")
+    with fresh_postgres() as url:
+        yield url
 
 
 def flushed_broker(url: str = API_REDIS_URL) -> Iterator[str]:
