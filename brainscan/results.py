@@ -179,8 +179,9 @@ def job_to_dict(
 ) -> dict[str, Any]:
     """The job with its counts and one page of items (``offset``/``limit`` within the items that
     ``flag`` selects, in ``order``; see :func:`job_items`)."""
-    # One row more than the page tells whether another page follows, whatever the filter.
-    rows = job_items(session, job.id, offset, limit + 1, flag=flag, order=order)
+    # One row more than the page tells whether another page follows, whatever the filter; limit 0 asks
+    # for the counts only (no item query, and no next page to follow).
+    rows = job_items(session, job.id, offset, limit + 1, flag=flag, order=order) if limit else []
     items = rows[:limit]
     data = job_summary(job)
     data["items"] = [item_to_dict(item) for item in items]

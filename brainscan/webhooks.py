@@ -198,8 +198,15 @@ async def _post(
     request_headers = {**headers, "Host": url_netloc(url)}
     extensions = {"sni_hostname": host} if target.scheme == "https" else {}
     # trust_env=False: no proxy from the environment would take the pinned address elsewhere.
+    # A streamed request whose body is never read: a receiver chosen by the client cannot push a large
+    # response into the worker's memory (only the status and headers are used).
     async with httpx.AsyncClient(timeout=deadline_s, follow_redirects=False, trust_env=False) as client:
-        return await client.post(pinned, json=payload, headers=request_headers, extensions=extensions)
+        request = client.build_request(
+            "POST", pinned, json=payload, headers=request_headers, extensions=extensions
+        )
+        response = await client.send(request, stream=True)
+        await response.aclose()  # status and headers only: the body is never read
+        return response
 
 
 async def _resolve_allowed(host: str, port: int, policy: DestinationPolicy) -> IPAddress:

@@ -115,16 +115,6 @@ def input_findings(data_dir: Path, paths: list[str], checks: InputChecks) -> lis
     return [check_input(input_thumbnail((Path(data_dir) / p).read_bytes()), checks) for p in paths]
 
 
-def validation_paths(model_dir: Path) -> set[str]:
-    split = Path(model_dir) / "reports" / "split.json"
-    if not split.is_file():
-        raise ValueError(
-            f"{split} is missing: calibration needs the model's own validation split "
-            "(written by `brainscan train`), never its training images"
-        )
-    return set(json.loads(split.read_text()).get("validation", []))
-
-
 def calibrate_model(
     model_dir: Path,
     data_dir: Path,
@@ -209,7 +199,7 @@ def _split_scans(
     model_dir: Path, data_dir: Path, card: ModelCard, cache_dir: Path | None, notes: list[str]
 ) -> tuple[Any, Any, str]:
     """(training split, validation split, data fingerprint): the model's own split (reports/split.json)."""
-    from training.data import load_scanset
+    from training.data import load_scanset, validation_paths
 
     held_out = validation_paths(model_dir)
     scans = load_scanset(data_dir, card.input_spec, cache_dir)

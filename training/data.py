@@ -135,3 +135,20 @@ def leak_free_split(scans: ScanSet, validation_fraction: float, seed: int) -> tu
 def class_counts(labels: Sequence[int]) -> dict[str, int]:
     counts = np.bincount(np.asarray(labels), minlength=len(CLASSES))
     return {c: int(n) for c, n in zip(CLASSES, counts, strict=True)}
+
+
+def validation_paths(model_dir: Path, *, required: bool = True) -> set[str]:
+    """The model's own validation files (``reports/split.json``, written by ``brainscan train``).
+
+    ``required``: calibration must never fall back to training images, so a missing split is an error;
+    int8 calibration only leaves these files out, so a model without a split just has none to leave out.
+    """
+    split = Path(model_dir) / "reports" / "split.json"
+    if not split.is_file():
+        if not required:
+            return set()
+        raise ValueError(
+            f"{split} is missing: calibration needs the model's own validation split "
+            "(written by `brainscan train`), never its training images"
+        )
+    return set(json.loads(split.read_text()).get("validation", []))

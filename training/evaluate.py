@@ -207,9 +207,8 @@ def evaluate_ood(
     all_verdicts: list[Any] = []
     all_refused = 0
     for family, entry in families.items():
-        pixels = (
-            np.stack(entry["pixels"]) if entry["pixels"] else np.zeros((0, *spec_shape(spec)), np.float32)
-        )
+        empty = np.zeros((0, spec.height, spec.width, spec.channels), np.float32)
+        pixels = np.stack(entry["pixels"]) if entry["pixels"] else empty
         verdicts: list[Any] = []
         for start in range(0, len(pixels), batch_size):
             verdicts += scorer.judge(
@@ -220,7 +219,3 @@ def evaluate_ood(
         all_refused += entry["refused"]
     report["overall"] = summary(all_verdicts, all_refused)
     return report
-
-
-def spec_shape(spec: Any) -> tuple[int, int, int]:
-    return spec.height, spec.width, spec.channels

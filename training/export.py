@@ -19,7 +19,6 @@ Both are recorded in the card's ``variants`` (file, size, agreement, accuracy wh
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from brainscan.runtime import (
 )
 from brainscan.trust import FEATURES_OUTPUT
 from training.audit import list_images
+from training.data import validation_paths
 
 
 def feature_layer(model: Any) -> tuple[str, Any]:
@@ -122,13 +122,6 @@ def check_savedmodel(model_dir: Path) -> tuple[ModelRef, list[str]]:
         )
         card.write(model_dir)
     return ModelRef(model_dir, card), notes
-
-
-def _validation_paths(model_dir: Path) -> set[str]:
-    split = Path(model_dir) / "reports" / "split.json"
-    if not split.is_file():
-        return set()
-    return set(json.loads(split.read_text()).get("validation", []))
 
 
 def representative_inputs(
@@ -242,7 +235,7 @@ def export_variants(
 
     if int8 and representative_dir is None:
         raise ValueError("--int8 needs --representative DIR: real training scans to calibrate on")
-    exclude = _validation_paths(ref.path)
+    exclude = validation_paths(ref.path, required=False)
     sample_dir = representative_dir or data_dir
     if sample_dir is not None:
         probe = representative_inputs(sample_dir, spec, compare_on, exclude=set(), seed=1)
@@ -305,7 +298,7 @@ def _validation_scans(ref: ModelRef, data_dir: Path, cache_dir: Path | None) -> 
     from training.data import load_scanset
 
     scans = load_scanset(Path(data_dir), ref.card.input_spec, cache_dir)
-    validation = _validation_paths(ref.path)
+    validation = validation_paths(ref.path, required=False)
     if validation:
         mask = np.array([p in validation for p in scans.paths])
         if mask.any():

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
+from brainscan.imaging import ScanError
 from brainscan.intake.names import sanitize_filename
+from brainscan.scanners import VolumeError
 
 # A zip's central directory is read into memory by zipfile; legitimate ones are far smaller.
 MAX_CENTRAL_DIRECTORY_BYTES = 64 * 1024 * 1024
@@ -307,5 +309,11 @@ def s_isreg(mode: int) -> bool:
 
 
 def short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return sanitize_filename(text)[:200]
+    """Why an archive or member failed, quoting nothing from inside the upload.
+
+    Our own errors carry fixed texts; a library's message may quote member names or bytes of the file
+    (zipfile's "Bad CRC-32 for file %r", gzip's "Not a gzipped file (b'..')"), so only its type is named.
+    """
+    if isinstance(exc, BadArchive | ExpansionBudgetSpent | VolumeError | ScanError):
+        return sanitize_filename(str(exc) or type(exc).__name__)[:200]
+    return f"{type(exc).__name__} while reading it"

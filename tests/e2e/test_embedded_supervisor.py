@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -115,7 +114,8 @@ def test_a_killed_worker_is_restarted_and_the_job_in_flight_finishes(up: Up) -> 
 
     def some_running() -> bool:
         job = client.get(f"/v1/jobs/{job_id}", params={"limit": 200}).json()
-        return any(item["status"] == "running" for item in job["items"]) or job["finished"]
+        assert not job["finished"], "the job finished before the kill: make it bigger"
+        return any(item["status"] == "running" for item in job["items"])
 
     wait_for(some_running, what="the worker to start on the job")
     worker = worker_pid(up)
@@ -137,7 +137,6 @@ def test_a_killed_worker_is_restarted_and_the_job_in_flight_finishes(up: Up) -> 
     assert (job["status"], job["done"], job["failed"]) == ("succeeded", 96, 0)
     log = up.log.read_text()
     assert "worker-1 exited (code -9)" in log and "worker-1 restarted" in log
-    assert re.search(r"worker-1: \d+ message\(s\) it held are back in the queue", log)
 
 
 def test_every_line_of_every_log_file_is_a_json_object(up: Up) -> None:

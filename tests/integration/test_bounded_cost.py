@@ -118,6 +118,9 @@ def test_an_allowed_internal_callback_is_accepted(
         for callback in ("http://10.1.2.3/x", "http://localhost:9/hook"):
             response = post_scans(api, 1, 30, callback_url=callback)
             assert response.status_code == 202, response.text
+            with api.sessions() as session:
+                job = session.get(Job, response.json()["id"])
+                assert job is not None and job.callback_url == callback  # stored: it will be delivered
 
 
 # ---- per-key daily quotas ---------------------------------------------------------------------

@@ -99,9 +99,10 @@ def test_export_writes_float_and_int8_variants_and_records_them(model_folder: Pa
 
 
 def test_calibration_leaves_the_validation_split_out(model_folder: Path, dataset: Path) -> None:
-    from training.export import _validation_paths, representative_inputs
+    from training.data import validation_paths
+    from training.export import representative_inputs
 
-    exclude = _validation_paths(model_folder)
+    exclude = validation_paths(model_folder)
     card = ModelCard.model_validate_json((model_folder / "model.json").read_text())
     everything = representative_inputs(dataset, card.input_spec, 100)
     without = representative_inputs(dataset, card.input_spec, 100, exclude=exclude)

@@ -318,3 +318,17 @@ def test_a_nii_gz_whose_header_is_over_the_limits_writes_nothing(store: ScanStor
         "big.nii.gz": "NIfTI volume has more than 1000000 voxels (BRAINSCAN_MAX_VOLUME_VOXELS)"
     }
     assert job.expanded_bytes <= 1024  # the header only
+
+
+def test_a_library_error_is_named_by_type_never_by_its_message() -> None:
+    import gzip
+    import zipfile
+
+    from brainscan.intake.archives import BadArchive, short
+
+    # zipfile and gzip quote member names and bytes of the upload in their messages.
+    crc = zipfile.BadZipFile("Bad CRC-32 for file 'patient-SECRET.jpg'")
+    assert short(crc) == "BadZipFile while reading it"
+    assert "SECRET" not in short(gzip.BadGzipFile("Not a gzipped file (b'SECRET')"))
+    # Our own reasons are fixed texts and stay as they are.
+    assert short(BadArchive("bad tar header checksum")) == "bad tar header checksum"
