@@ -44,7 +44,12 @@ class UploadTimeout(Exception):
 
 
 class MalformedUpload(Exception):
-    pass
+    """Not well-formed multipart. Raised with fixed texts only (never a byte of the body, never
+    python-multipart's message): ``public_message`` is what the client is told."""
+
+    @property
+    def public_message(self) -> str:
+        return str(self)
 
 
 @dataclass

@@ -121,7 +121,9 @@ class Item(Base):
     filename: Mapped[str] = mapped_column(Text)  # client data: display only, never a path
     source_ref: Mapped[str | None] = mapped_column(Text, nullable=True)  # frame / slice reference
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: nothing stored
-    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # stored at intake (quotas)
+    # Bytes intake charged this item toward its key's daily quota (brainscan.quotas): its share of the
+    # larger of its file's bytes received and scan bytes stored; a failed item's file counts too.
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.queued.value)
     label: Mapped[str | None] = mapped_column(String(32), nullable=True)
     confidence: Mapped[float | None] = mapped_column(Float, nullable=True)  # None when out of scope

@@ -12,13 +12,17 @@ is read and an item is never on the queue before it is in the database; :func:`c
 growing), so ``close_intake`` closes it itself when every item is already final. A job whose intake
 stopped half way (the API process died) stays ``receiving``; :func:`close_abandoned_intakes` (run by
 the reaper) then adds one failed item that says so and closes the intake, so the job ends
-``partial`` or ``failed``, never silent. An upload smaller than one chunk is one transaction.
+``partial`` or ``failed``, never silent. The reaper cannot tell a dead intake from one that is only
+slow: every chunk is therefore written only while the job is still ``receiving`` (a guarded UPDATE
+of the job row before its items are inserted), so a late chunk raises :class:`IntakeClosed` instead
+of landing after the job's last (reason) item or changing a final job. An upload smaller than one
+chunk is one transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import case, exists, func, insert, select, update
@@ -39,10 +43,20 @@ class IntakeEntry:
     error: str | None = None
     size: int = 0
     source_ref: str | None = None
+    # Bytes this item adds to its key's daily byte quota (brainscan.quotas), set by intake for each
+    # entry of an uploaded file (brainscan.intake.expansion.UploadCharge). None: its stored size.
+    quota_bytes: int | None = field(default=None, compare=False)
 
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+    @property
+    def charged_bytes(self) -> int | None:
+        """What ``items.size_bytes`` holds: the quota charge, else the stored scan's size."""
+        if self.quota_bytes is not None:
+            return self.quota_bytes
+        return self.size if self.sha256 is not None else None
 
 
 def _item_rows(job_id: str, entries: Sequence[IntakeEntry], first_position: int, now: datetime) -> list[dict]:
@@ -53,7 +67,7 @@ def _item_rows(job_id: str, entries: Sequence[IntakeEntry], first_position: int,
             "filename": entry.filename,
             "source_ref": entry.source_ref,
             "sha256": entry.sha256,
-            "size_bytes": entry.size if entry.sha256 is not None else None,
+            "size_bytes": entry.charged_bytes,
             "status": ItemStatus.failed.value if entry.failed else ItemStatus.queued.value,
             "error": entry.error,
             "created_at": now,
@@ -112,27 +126,71 @@ def create_job(
 # ---- intake in chunks -------------------------------------------------------------------------------
 
 
-def add_items(session: Session, job_id: str, entries: Sequence[IntakeEntry], first_position: int) -> int:
+class IntakeClosed(ValueError):
+    """A chunk came for a job that is no longer ``receiving``: nothing of the chunk was written.
+
+    The reaper (:func:`close_abandoned_intakes`) closes an intake that stored nothing for
+    ``stale_after_s``; an intake that was only slow finds that out at its next chunk. The items
+    committed before stay the job's (they are scored, after the failed item that says the intake
+    stopped); the rest of the upload has to be submitted again.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"the intake of job {job_id} was closed before this upload was fully stored: no part of it "
+            "was stored for longer than BRAINSCAN_STALE_AFTER_S, so it was taken for abandoned; the "
+            "items stored before that are scored as that job, the rest of the upload was not stored: "
+            "submit the rest again"
+        )
+        self.job_id = job_id
+
+
+def add_items(
+    session: Session, job_id: str, entries: Sequence[IntakeEntry], first_position: int | None = None
+) -> int:
     """Commit a chunk of a receiving job's items and grow its counts, in one transaction.
 
     Returns how many of them are queued for scoring (the rest failed at intake). The caller enqueues
-    only after this returns: an item is never on the queue before it is in the database.
+    only after this returns: an item is never on the queue before it is in the database. Raises
+    :class:`IntakeClosed` (and writes nothing) if the job is no longer receiving.
+    ``first_position``: None puts them after the job's last item.
     """
     if not entries:
         return 0
-    failed = sum(1 for e in entries if e.failed)
     try:
-        session.execute(insert(Item), _item_rows(job_id, entries, first_position, datetime.now(UTC)))
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(total=Job.total + len(entries), failed=Job.failed + failed)
-        )
+        _append_items(session, job_id, entries, first_position)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    return len(entries) - failed
+    return sum(1 for e in entries if not e.failed)
+
+
+def _append_items(
+    session: Session, job_id: str, entries: Sequence[IntakeEntry], first_position: int | None
+) -> None:
+    """Grow the job's counts, then insert the items; the caller commits (or rolls back).
+
+    The job row is updated first, guarded by ``status = 'receiving'``: that one statement is the
+    check (no read-then-write gap), and on PostgreSQL it locks the row until the commit, so a reaper
+    closing the intake either commits first (this raises) or waits for this chunk. The position
+    "after the last item" is read only after that, under the lock (SQLite: the write lock).
+    """
+    failed = sum(1 for e in entries if e.failed)
+    grown = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.receiving.value)
+        .values(total=Job.total + len(entries), failed=Job.failed + failed)
+        .returning(Job.id)
+    ).first()
+    if grown is None:
+        raise IntakeClosed(job_id)
+    if first_position is None:
+        first_position = int(
+            session.scalar(select(func.coalesce(func.max(Item.position) + 1, 0)).where(Item.job_id == job_id))
+            or 0
+        )
+    session.execute(insert(Item), _item_rows(job_id, entries, first_position, datetime.now(UTC)))
 
 
 def close_intake(session: Session, job_id: str, now: datetime | None = None) -> Job | None:
@@ -142,55 +200,59 @@ def close_intake(session: Session, job_id: str, now: datetime | None = None) -> 
     same moment either committed first (its counts are seen here) or sees the job no longer
     receiving and closes it itself. Returns the job (None if it was not receiving).
     """
-    now = now or datetime.now(UTC)
-    final = Job.done + Job.failed >= Job.total
-    started = exists(select(Item.id).where(Item.job_id == Job.id, Item.started_at.is_not(None)))
     try:
-        closed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.receiving.value)
-            .values(
-                status=case(
-                    (final & (Job.done == 0), JobStatus.failed.value),
-                    (final & (Job.failed == 0), JobStatus.succeeded.value),
-                    (final, JobStatus.partial.value),
-                    (started, JobStatus.running.value),
-                    else_=JobStatus.queued.value,
-                ),
-                started_at=select(func.min(Item.started_at)).where(Item.job_id == Job.id).scalar_subquery(),
-                finished_at=case((final, now), else_=None),
-            )
-            .returning(Job.id)
-        ).first()
+        closed = _close_receiving(session, job_id, now or datetime.now(UTC))
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    if closed is None:
+    if not closed:
         return None
-    job = session.get(Job, job_id, populate_existing=True)
-    return job
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def _close_receiving(session: Session, job_id: str, now: datetime) -> bool:
+    """The UPDATE of :func:`close_intake`, uncommitted; False if the job was not receiving."""
+    final = Job.done + Job.failed >= Job.total
+    started = exists(select(Item.id).where(Item.job_id == Job.id, Item.started_at.is_not(None)))
+    closed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.receiving.value)
+        .values(
+            status=case(
+                (final & (Job.done == 0), JobStatus.failed.value),
+                (final & (Job.failed == 0), JobStatus.succeeded.value),
+                (final, JobStatus.partial.value),
+                (started, JobStatus.running.value),
+                else_=JobStatus.queued.value,
+            ),
+            started_at=select(func.min(Item.started_at)).where(Item.job_id == Job.id).scalar_subquery(),
+            finished_at=case((final, now), else_=None),
+        )
+        .returning(Job.id)
+    ).first()
+    return closed is not None
 
 
 def interrupt_intake(session: Session, job_id: str, reason: str) -> Job | None:
     """Record why a receiving job's intake stopped (one failed item, after its last one) and close it.
 
     The items already committed stay and are scored; the job ends ``partial`` (or ``failed``) with
-    the reason on the extra item, so the client sees that part of what it sent was never read.
+    the reason on the extra item, so the client sees that part of what it sent was never read. One
+    transaction: no chunk can land between the reason and the close, so the reason is the job's
+    last item. Returns None (and writes nothing) if the job was no longer receiving.
     """
     try:
-        position = session.scalar(
-            select(func.coalesce(func.max(Item.position) + 1, 0)).where(Item.job_id == job_id)
-        )
-        receiving = session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.receiving.value
-        if not receiving:
-            session.rollback()
-            return None
-        add_items(session, job_id, [IntakeEntry(INTERRUPTED_INTAKE_NAME, error=reason)], int(position or 0))
+        _append_items(session, job_id, [IntakeEntry(INTERRUPTED_INTAKE_NAME, error=reason)], None)
+        _close_receiving(session, job_id, datetime.now(UTC))
+        session.commit()
+    except IntakeClosed:
+        session.rollback()
+        return None
     except BaseException:
         session.rollback()
         raise
-    return close_intake(session, job_id)
+    return session.get(Job, job_id, populate_existing=True)
 
 
 def abandoned_intakes(session: Session, stale_after_s: float, now: datetime | None = None) -> list[str]:

@@ -26,8 +26,29 @@ CARD_FILE = "model.json"
 PROMOTED_FILE = "promoted.json"
 
 
+# What an API client is told when no model resolves: never a folder, a file or a command to run.
+NO_MODEL = "no model to serve"
+UNREADABLE_REPOSITORY = "no model to serve: the model repository cannot be read"
+
+
 class ModelNotFound(RuntimeError):
-    pass
+    """No model to serve. ``str(exc)`` is for operators (it names folders and what to run);
+    ``public_message`` is what an API client may be told: model names and versions at most."""
+
+    def __init__(self, message: str, public_message: str = NO_MODEL) -> None:
+        super().__init__(message)
+        self.public_message = public_message
+
+    def __reduce__(self) -> tuple[type[ModelNotFound], tuple[str, str]]:
+        # Pickled (a multiprocessing or Celery boundary): keep the public message too.
+        return type(self), (str(self), self.public_message)
+
+
+def public_reason(exc: BaseException) -> str:
+    """The client-safe reason why no model resolved: a :class:`ModelNotFound`'s ``public_message``,
+    else (a card or ``promoted.json`` that cannot be read or parsed: ``OSError``, ``ValueError``,
+    whose texts quote paths or file contents) a fixed text."""
+    return exc.public_message if isinstance(exc, ModelNotFound) else UNREADABLE_REPOSITORY
 
 
 class ModelCard(BaseModel):
@@ -138,7 +159,8 @@ def resolve_model(model_dir: Path, name: str = "", version: str = "") -> ModelRe
         raise ModelNotFound(
             f"no model{wanted} in {model_dir.resolve()}. Train one with "
             "`brainscan train --data DIR --out models/<name>/<version>`, or copy a SavedModel folder "
-            "to models/<name>/<version>/ (see README, 'Models')."
+            "to models/<name>/<version>/ (see README, 'Models').",
+            f"{NO_MODEL}:{wanted} not installed" if wanted else NO_MODEL,
         )
     names = {r.path.parent.name for r in refs}
     if len(names) > 1 and version:
@@ -146,11 +168,13 @@ def resolve_model(model_dir: Path, name: str = "", version: str = "") -> ModelRe
         # not one is promoted: say so rather than "none promoted".
         raise ModelNotFound(
             f"several models in {model_dir} ({', '.join(sorted(names))}) have version {version}: "
-            "a version alone does not choose a model; set BRAINSCAN_MODEL_NAME too"
+            "a version alone does not choose a model; set BRAINSCAN_MODEL_NAME too",
+            f"{NO_MODEL}: several models have version {version} and the server names none of them",
         )
     if len(names) > 1:
         raise ModelNotFound(
             f"several models in {model_dir} ({', '.join(sorted(names))}) and none promoted: "
-            "run `brainscan models promote NAME VERSION` or set BRAINSCAN_MODEL_NAME"
+            "run `brainscan models promote NAME VERSION` or set BRAINSCAN_MODEL_NAME",
+            f"{NO_MODEL}: several models are installed and none is promoted",
         )
     return refs[-1]

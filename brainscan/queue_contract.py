@@ -43,7 +43,8 @@ TASK_ROUTES = {
 
 # Kombu's default Redis priority steps, named so the lane's lists are known. Smaller is served first.
 PRIORITY_STEPS = [0, 3, 6, 9]
-URGENT_PRIORITY = 0  # also what a message without a priority gets (beat's reaper runs)
+URGENT_PRIORITY = 0  # also what a message without a priority gets
+REAP_PRIORITY = 3  # the reaper's runs: after urgent scans, before bulk work; never on the urgent list
 BULK_PRIORITY = 9
 # Kombu names a queue's list for a step other than 0 ``<queue>\x06\x16<step>`` (kombu.transport.redis).
 KOMBU_PRIORITY_SEP = "\x06\x16"

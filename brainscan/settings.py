@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     tf_threads: int = Field(
         0,
         ge=0,
-        description="Threads per worker process for TensorFlow's intra-op pool and the TFLite "
-        "interpreter; 0 = all cores. With N workers on one machine use cores / N.",
+        description="Threads per worker process for TensorFlow's intra-op pool, the TFLite "
+        "interpreter and the decode pool; 0 = all cores (decode: up to 4). With N workers on one "
+        "machine use cores / N.",
     )
     urgent_max_items: int = Field(
         8,
@@ -121,10 +122,16 @@ class Settings(BaseSettings):
         "30 3 * * *", description="Crontab (UTC) for the daily retention purge and storage/tmp sweep."
     )
     quota_scans_per_day: int = Field(
-        100_000, ge=0, description="Scans one API key may store per UTC day (429 past it); 0 = no limit."
+        100_000,
+        ge=0,
+        description="Items (scans, and files that failed at intake) one API key may submit per UTC day "
+        "(429 past it); 0 = no limit.",
     )
     quota_bytes_per_day: int = Field(
-        20 * 1024 * MIB, ge=0, description="Scan bytes one API key may store per UTC day; 0 = no limit."
+        20 * 1024 * MIB,
+        ge=0,
+        description="Bytes one API key may submit per UTC day: per file, the larger of its bytes received "
+        "and the scan bytes it stored (refused files count); 0 = no limit.",
     )
 
     # HTTP.

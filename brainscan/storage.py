@@ -62,7 +62,10 @@ class StorageUnavailable(OSError):
 
     A worker that gets this leaves the item for another worker and reports itself unhealthy
     (worker/tasks.py); the API and the workers must share the storage volume and its owner.
+    ``str(exc)`` names the storage root, for operators; clients get ``public_message``.
     """
+
+    public_message = "scan storage unavailable, retry shortly"
 
 
 class ScanStore:

@@ -56,6 +56,8 @@ REASONS: dict[str, str] = {
 
 # ---- input checks ----------------------------------------------------------------------------
 THUMBNAIL_SIDE = 64
+# Modes ``to_grey_or_rgb`` turns into one grey channel by itself (16-bit and float scans are stretched).
+GREY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
 
 
 class InputChecks(BaseModel):
@@ -72,9 +74,11 @@ class InputChecks(BaseModel):
 
 
 def input_thumbnail(data: bytes, side: int = THUMBNAIL_SIDE) -> np.ndarray:
-    """File bytes (already accepted by ``brainscan.imaging.prepare``) -> uint8 RGB ``(side, side, 3)``.
+    """File bytes (already accepted by ``brainscan.imaging.prepare``) -> uint8 ``(side, side, channels)``.
 
-    JPEG decodes at a reduced scale (``draft``), so the check costs a fraction of the real decode.
+    JPEG decodes at a reduced scale (``draft``), so the check costs a fraction of the real decode. A
+    greyscale file stays one channel (what three equal channels would measure, at a third of the work);
+    anything else comes back RGB.
     """
     from brainscan.imaging import to_grey_or_rgb
 
@@ -82,9 +86,11 @@ def input_thumbnail(data: bytes, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     # JPEG: decode at the smallest DCT scale that is still at least side x side (1/8 of a 512 scan).
     image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", (side, side))
     image = ImageOps.exif_transpose(image) or image
-    pixels = to_grey_or_rgb(image, 3)
-    thumb = Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR)
-    return np.asarray(thumb, dtype=np.uint8)
+    channels = 1 if image.mode in GREY_MODES else 3
+    pixels = to_grey_or_rgb(image, channels)
+    thumb = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    thumb = thumb.resize((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(thumb, dtype=np.uint8).reshape(side, side, channels)
 
 
 def input_measures(thumbnail: np.ndarray, checks: InputChecks | None = None) -> dict[str, float]:
@@ -93,10 +99,15 @@ def input_measures(thumbnail: np.ndarray, checks: InputChecks | None = None) -> 
     rgb = np.asarray(thumbnail)
     if rgb.ndim == 2:
         rgb = rgb[..., None]
-    grey = rgb.sum(axis=-1, dtype=np.uint16) // rgb.shape[-1]  # 0-255, integer: a histogram is cheap
+    planes = [rgb[..., c] for c in range(rgb.shape[-1])]
+    # Channel by channel rather than reductions over the last axis: a tenth of the time on 64x64x3.
+    grey = sum((p.astype(np.uint16) for p in planes), np.zeros(rgb.shape[:2], np.uint16)) // len(planes)
     cumulative = np.cumsum(np.bincount(grey.ravel(), minlength=256)) / grey.size
     low, high = float(np.searchsorted(cumulative, 0.01)), float(np.searchsorted(cumulative, 0.99))
-    chroma = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1)
+    if len(planes) == 1:
+        chroma = np.zeros(rgb.shape[:2], np.int16)  # one channel: no colour
+    else:
+        chroma = np.maximum.reduce(planes).astype(np.int16) - np.minimum.reduce(planes)
     # Relative, not absolute: many scans' surround is a dark grey, not black.
     background = grey <= low + checks.background_level * (high - low)
     ring = max(1, grey.shape[0] // 16)

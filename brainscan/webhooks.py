@@ -9,7 +9,11 @@ retries are Celery's (``worker/notify.py``), so they outlive a worker restart.
 
 Bounded cost per try. One try has a *total* deadline (``BRAINSCAN_WEBHOOK_TIMEOUT_S``): name
 resolution, connect, send and the whole answer, not a per-read timeout, so a receiver trickling one
-byte every few seconds is cut at the deadline like a silent one.
+byte every few seconds is cut at the deadline like a silent one. ``getaddrinfo`` cannot be
+cancelled, so it runs on a daemon thread of its own (:class:`BoundedResolver`) that the try stops
+waiting for at the deadline ("callback host did not resolve within N s", retried like a timeout);
+at most ``RESOLVER_THREADS`` lookups are pending at once in a process, and past that a try fails at
+once ("name resolution busy", retried) rather than start one more thread a hung resolver would keep.
 
 Destination policy. A callback URL is attacker-chosen: it must not reach the service's own network.
 Every address the host resolves to *at send time* (a name may resolve elsewhere than it did at
@@ -29,7 +33,10 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,9 +48,8 @@ from brainscan import __version__
 log = logging.getLogger(__name__)
 
 EVENT = "job.finished"
-# Name resolution runs on these threads, not the event loop's default executor: ``asyncio.run``
-# waits for that executor on exit, so a hanging resolver would outlive the deadline.
-_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+# Name lookups pending at once in one process (a worker runs one try at a time per thread).
+RESOLVER_THREADS = 4
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -128,15 +134,76 @@ class Attempt:
     retry: bool  # a failure worth another try: connection error, timeout, 429, 5xx
     outcome: str  # "HTTP 503", "ConnectTimeout", "deadline exceeded": never the URL
     retry_after: float = 0.0  # seconds the receiver asked for (Retry-After), 0 when none
-
-    @property
-    def timed_out(self) -> bool:
-        """The receiver (or its name server) used up the whole deadline."""
-        return self.outcome == DEADLINE_EXCEEDED
+    timed_out: bool = False  # the receiver (or its name server) used up the whole deadline
 
 
 DEADLINE_EXCEEDED = "deadline exceeded"
 REFUSED_DESTINATION = "destination not allowed"
+
+
+# ---- name resolution ----------------------------------------------------------------------------
+
+
+class ResolutionFailed(Exception):
+    """The callback host did not resolve in time, or no lookup could start: worth another try.
+
+    The message is the attempt's outcome: it names the limit, never the host.
+    """
+
+    def __init__(self, reason: str, *, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+AddressInfo = tuple[Any, ...]  # one ``socket.getaddrinfo`` result
+
+
+class BoundedResolver:
+    """``getaddrinfo`` with a timeout, on at most ``max_pending`` threads at once.
+
+    A lookup cannot be cancelled: one that outlives its caller's timeout keeps its thread (a daemon,
+    so it never holds up the process's exit) and its slot until the resolver answers. With every
+    slot held, :meth:`resolve` fails at once: a resolver that hangs costs at most ``max_pending``
+    threads, however many webhooks wait.
+    """
+
+    def __init__(self, max_pending: int, lookup: Callable[..., list[AddressInfo]] | None = None) -> None:
+        self.max_pending = max_pending
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._lookup = lookup  # None: socket.getaddrinfo, looked up at each call
+
+    def resolve(self, host: str, port: int, timeout_s: float) -> list[AddressInfo]:
+        """``getaddrinfo(host, port)`` for TCP, or :class:`ResolutionFailed` after ``timeout_s``."""
+        if not self._slots.acquire(blocking=False):
+            raise ResolutionFailed(
+                f"name resolution busy: {self.max_pending} lookups of callback hosts still pending",
+                timed_out=False,
+            )
+        answer: Future[list[AddressInfo]] = Future()
+        lookup = self._lookup or socket.getaddrinfo
+
+        def run() -> None:
+            try:
+                answer.set_result(lookup(host, port, type=socket.SOCK_STREAM))
+            except BaseException as exc:  # handed to the waiter, if it still waits
+                answer.set_exception(exc)
+            finally:
+                self._slots.release()
+
+        try:
+            threading.Thread(target=run, name="webhook-dns", daemon=True).start()
+        except RuntimeError:  # no thread could be started (a process limit)
+            self._slots.release()
+            raise ResolutionFailed("name resolution unavailable: no lookup thread", timed_out=False) from None
+        try:
+            return answer.result(timeout=timeout_s)
+        except TimeoutError:
+            raise ResolutionFailed(
+                f"callback host did not resolve within {timeout_s:g} s", timed_out=True
+            ) from None
+
+
+_RESOLVER = BoundedResolver(RESOLVER_THREADS)
 
 
 def post_once(
@@ -158,12 +225,21 @@ def post_once(
         "X-Brainscan-Event": str(payload.get("event", EVENT)),
         "X-Brainscan-Delivery": delivery,
     }
+    started = time.monotonic()
     try:
-        response = asyncio.run(
-            _post_within(callback_url, payload, headers, policy or DestinationPolicy(), deadline_s)
-        )
+        target = _target(callback_url)
+        # Resolved before the event loop starts: a lookup cannot be cancelled, so the try stops
+        # waiting for it at the deadline rather than hand it to an executor the loop waits for.
+        address = _resolve_allowed(target, policy or DestinationPolicy(), deadline_s)
+        remaining = deadline_s - (time.monotonic() - started)
+        if remaining <= 0:
+            raise TimeoutError
+        response = asyncio.run(_post_within(callback_url, target, address, payload, headers, remaining))
+    except ResolutionFailed as exc:
+        log.warning("webhook not sent: %s", exc, extra=extra)
+        return Attempt(False, True, str(exc), timed_out=exc.timed_out)
     except TimeoutError:
-        return Attempt(False, True, DEADLINE_EXCEEDED)
+        return Attempt(False, True, DEADLINE_EXCEEDED, timed_out=True)
     except DestinationRefused:
         log.warning("webhook destination refused by BRAINSCAN_WEBHOOK_ALLOW policy", extra=extra)
         return Attempt(False, False, REFUSED_DESTINATION)
@@ -178,25 +254,36 @@ def post_once(
     return Attempt(False, retry, f"HTTP {code}", _retry_after(response) if retry else 0.0)
 
 
-async def _post_within(
-    url: str, payload: dict[str, Any], headers: dict[str, str], policy: DestinationPolicy, deadline_s: float
-) -> httpx.Response:
-    async with asyncio.timeout(deadline_s):
-        return await _post(url, payload, headers, policy, deadline_s)
-
-
-async def _post(
-    url: str, payload: dict[str, Any], headers: dict[str, str], policy: DestinationPolicy, deadline_s: float
-) -> httpx.Response:
+def _target(url: str) -> httpx.URL:
     target = httpx.URL(url)
     if target.scheme not in ("http", "https") or not target.host:
         raise ValueError("callback_url must be an http(s) URL")
-    host = target.host
-    port = target.port or (443 if target.scheme == "https" else 80)
-    address = await _resolve_allowed(host, port, policy)
+    return target
+
+
+async def _post_within(
+    url: str,
+    target: httpx.URL,
+    address: IPAddress,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    deadline_s: float,
+) -> httpx.Response:
+    async with asyncio.timeout(deadline_s):
+        return await _post(url, target, address, payload, headers, deadline_s)
+
+
+async def _post(
+    url: str,
+    target: httpx.URL,
+    address: IPAddress,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    deadline_s: float,
+) -> httpx.Response:
     pinned = target.copy_with(host=str(address))
     request_headers = {**headers, "Host": url_netloc(url)}
-    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     # trust_env=False: no proxy from the environment would take the pinned address elsewhere.
     # A streamed request whose body is never read: a receiver chosen by the client cannot push a large
     # response into the worker's memory (only the status and headers are used).
@@ -209,13 +296,15 @@ async def _post(
         return response
 
 
-async def _resolve_allowed(host: str, port: int, policy: DestinationPolicy) -> IPAddress:
-    """The address to connect to: every address ``host`` resolves to must be allowed."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.run_in_executor(
-        _RESOLVER, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    )
-    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+def _resolve_allowed(target: httpx.URL, policy: DestinationPolicy, timeout_s: float) -> IPAddress:
+    """The address to connect to: every address the host resolves to must be allowed."""
+    host = target.host
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        addresses = [ipaddress.ip_address(host.split("%", 1)[0])]  # a literal: nothing to look up
+    except ValueError:
+        infos = _RESOLVER.resolve(host, port, timeout_s)
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     if not addresses:
         raise OSError("no address")
     if not all(policy.allows(host, address) for address in addresses):

@@ -102,7 +102,7 @@ def model_outputs(
     """(raw probabilities, features or None) for uint8 pixels, through the serving normalisation."""
     probabilities, features = [], []
     for start in range(0, len(pixels), batch_size):
-        batch = normalize(pixels[start : start + batch_size].astype(np.float32), preprocessing)  # type: ignore[arg-type]
+        batch = normalize(pixels[start : start + batch_size], preprocessing)  # type: ignore[arg-type]
         p, f = scorer.predict_with_features(np.asarray(batch, dtype=np.float32))
         probabilities.append(p)
         if f is not None:

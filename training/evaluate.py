@@ -65,8 +65,7 @@ def evaluate_scorer(
 
     outputs = []
     for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size].astype(np.float32)
-        batch = normalize(batch, preprocessing)  # type: ignore[arg-type]
+        batch = normalize(pixels[start : start + batch_size], preprocessing)  # type: ignore[arg-type]
         outputs.append(scorer.predict(np.asarray(batch, dtype=np.float32)))
     probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(CLASSES)), np.float32)
     return classification_metrics(probabilities, labels)
@@ -105,7 +104,7 @@ def judge_pixels(
     verdicts: list[Any] = []
     raw = []
     for start in range(0, len(pixels), batch_size):
-        batch = normalize(pixels[start : start + batch_size].astype(np.float32), preprocessing)  # type: ignore[arg-type]
+        batch = normalize(pixels[start : start + batch_size], preprocessing)  # type: ignore[arg-type]
         probabilities, features = scorer.predict_with_features(np.asarray(batch, dtype=np.float32))
         part = None if findings is None else list(findings[start : start + batch_size])
         verdicts += scorer.trust.judge(probabilities, features, part)

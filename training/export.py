@@ -276,7 +276,7 @@ def export_variants(
             entry["savedmodel_val_accuracy"] = results["savedmodel_val_accuracy"]
             entry["validation"] = validation["description"]
             if card.trust is not None:  # flags as served, against the SavedModel's, on validation
-                pixels = validation["scans"].pixels.astype(np.float32)
+                pixels = validation["scans"].pixels
                 from brainscan.imaging import normalize
 
                 inputs = np.asarray(normalize(pixels, spec.preprocessing), dtype=np.float32)

@@ -83,7 +83,7 @@ def predict_pixels(model, pixels: np.ndarray, recipe: Recipe, batch_size: int = 
     """Probabilities for uint8 pixels, through exactly the serving preprocessing."""
     outputs = []
     for start in range(0, len(pixels), batch_size):
-        batch = normalize(pixels[start : start + batch_size].astype(np.float32), recipe.preprocessing)
+        batch = normalize(pixels[start : start + batch_size], recipe.preprocessing)
         outputs.append(np.asarray(model(batch.astype(np.float32), training=False)))
     return np.concatenate(outputs) if outputs else np.zeros((0, len(CLASSES)), np.float32)
 

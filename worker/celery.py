@@ -33,6 +33,7 @@ from brainscan.queue_contract import (
     NOTIFY_TASK,
     PRIORITY_STEPS,
     QUEUE,
+    REAP_PRIORITY,
     REAP_TASK,
     RETENTION_TASK,
     SCORE_TASK,
@@ -52,6 +53,7 @@ __all__ = [  # the contract's names, re-exported: tests and tools read them here
     "NOTIFY_TASK",
     "PRIORITY_STEPS",
     "QUEUE",
+    "REAP_PRIORITY",
     "REAP_TASK",
     "RETENTION_TASK",
     "SCORE_TASK",
@@ -111,7 +113,9 @@ def celery_config(settings: Settings) -> dict:
                 "task": REAP_TASK,
                 "schedule": float(settings.reaper_interval_s),
                 # A reaper run that waited longer than an interval is superseded by the next one.
-                "options": {"expires": float(settings.reaper_interval_s)},
+                # Its own priority step: the urgent list (0) holds urgent scoring work only, so a
+                # flush that finds something there gives way to a scan, never to the reaper.
+                "options": {"expires": float(settings.reaper_interval_s), "priority": REAP_PRIORITY},
             },
             # Webhooks committed as owed but never queued, or whose task was lost (worker/notify.py).
             "reap-owed-webhooks": {

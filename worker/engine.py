@@ -5,7 +5,8 @@ use too), so a worker serves the SavedModel or its TFLite variants (``BRAINSCAN_
 ``tflite`` | ``tflite-int8``) through the same code path, with the same class order and checks.
 Preprocessing is ``brainscan.imaging.prepare`` and nothing else, so serving sees the same tensor as
 training. Decoding runs on a small thread pool (PIL releases the GIL) so that the next batch is
-decoded while the model scores the current one. The model is re-resolved at batch boundaries when
+decoded while the model scores the current one (as many decode threads as model threads:
+``decode_threads``). The model is re-resolved at batch boundaries when
 ``models/promoted.json`` changes, so ``brainscan models promote`` takes effect without a restart.
 
 Trust. ``score_batch`` returns one ``brainscan.trust.Verdict`` per scan, computed by the scorer's
@@ -68,6 +69,18 @@ def configure_tensorflow(threads: int) -> None:
             log.warning("could not set TensorFlow threads: %s", exc)
 
 
+def decode_threads(tf_threads: int) -> int:
+    """Decode threads beside a model with ``tf_threads`` threads (0: all cores).
+
+    The decode of the next batch overlaps the model's call on the current one; as many decode
+    threads as model threads keep a worker within its share of the cores (``tf_threads`` is set to
+    ``cores / workers``), where a fixed pool would put every worker's decodes on every core. A
+    worker that owns the machine gets up to four: past that a batch decodes faster than any model
+    here scores it.
+    """
+    return tf_threads if tf_threads > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One scan, ready for the model (``pixels``) or failed with a per-item reason (``error``).
@@ -81,6 +94,21 @@ class Prepared:
     ms: float
     finding: str | None = None
     unreadable: bool = False  # storage could not be read (StorageUnavailable): not the scan's fault
+
+
+@dataclass(frozen=True)
+class PendingDecode:
+    """A batch being decoded on the pool: ``result()`` waits for it, ``cancel()`` drops what has not
+    started (a flush that yields to urgent work does not leave the pool busy with scans it gave back)."""
+
+    futures: list[Future[Prepared]]
+
+    def result(self) -> list[Prepared]:
+        return [future.result() for future in self.futures]
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
 
 
 @dataclass(frozen=True)
@@ -101,7 +129,9 @@ class Engine:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.model: Served | None = None
-        self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.decoders = ThreadPoolExecutor(
+            max_workers=decode_threads(self.settings.tf_threads), thread_name_prefix="decode"
+        )
         self._promoted_mtime: float | None = None
 
     # ---- model lifecycle -------------------------------------------------------------------
@@ -188,16 +218,12 @@ class Engine:
         """Bytes -> model input; raises ScanError with the per-item reason."""
         return prepare(data, self.card.input_spec, self.settings.max_image_pixels)
 
-    def prepare_many(self, sources: list[Callable[[], bytes]]) -> Future[list[Prepared]]:
-        """Read and decode a batch on the pool; resolves to one ``Prepared`` per source, in order.
+    def prepare_many(self, sources: list[Callable[[], bytes]]) -> PendingDecode:
+        """Read and decode a batch on the pool; ``result()`` gives one ``Prepared`` per source, in order.
 
         Returns at once, so the caller can score the previous batch while this one decodes.
         """
-
-        def work() -> list[Prepared]:
-            return list(self.decoders.map(self._prepare_one, sources))
-
-        return _runner().submit(work)
+        return PendingDecode([self.decoders.submit(self._prepare_one, source) for source in sources])
 
     def _prepare_one(self, source: Callable[[], bytes]) -> Prepared:
         started = time.perf_counter()
@@ -235,16 +261,6 @@ class Engine:
             self.load()
         assert self.model is not None
         return self.model.scorer.judge(images, findings)
-
-
-_RUNNER: ThreadPoolExecutor | None = None
-
-
-def _runner() -> ThreadPoolExecutor:
-    global _RUNNER
-    if _RUNNER is None:
-        _RUNNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-batch")
-    return _RUNNER
 
 
 _ENGINE: Engine | None = None

@@ -279,7 +279,7 @@ def explain_scan(explainer: Explainer, data: bytes, max_pixels: int) -> bytes:
 
     spec = explainer.ref.card.input_spec
     display = load_pixels(data, spec, max_pixels)  # the serving path's decode, crop and resize
-    pixels = normalize(display.astype(np.float32), spec.preprocessing).astype(np.float32)
+    pixels = normalize(display, spec.preprocessing).astype(np.float32)
     heat, best, probability = explainer.explain(pixels)
     text = {
         "explainer": explainer.kind,

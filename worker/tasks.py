@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from brainscan import CLASSES, jobs
 from brainscan.db import Item, ItemStatus, Job, JobStatus, session_scope, utcnow, with_db_retry
+from brainscan.queue_contract import BULK_PRIORITY, priority_lists
 from brainscan.queueing import default_publisher, redis_client
 from brainscan.settings import get_settings
 from brainscan.storage import ScanStore
@@ -79,10 +80,16 @@ class ItemBatches(Batches):
 
         def on_message(*args: Any, **kwargs: Any) -> None:
             handler(*args, **kwargs)
-            if self._buffered_items() >= self.flush_items:
+            # A lone urgent message goes at once; a burst of them (more waiting in Redis) still
+            # fills a batch, as bulk messages do.
+            full = self._buffered_items() >= self.flush_items
+            if full or (self._urgent_buffered() and not urgent_waiting()):
                 self._do_flush()
 
         return on_message
+
+    def _urgent_buffered(self) -> bool:
+        return any(_is_urgent(request) for request in list(self._buffer.queue))
 
     def _buffered_items(self) -> int:
         total = 0
@@ -328,7 +335,56 @@ def score(item_ids: Sequence[int], urgent_ids: Iterable[int] = ()) -> int:
         log_batch(node, f"{card.name}/{card.version}", batch, prepared, outcomes, left_open,
                   {"decode_ms": sum(p.ms for p in prepared), "decode_wait_ms": waited_ms,
                    "inference_ms": scored_ms, "write_ms": written_ms})  # fmt: skip
+        rest = [c for later in batches[index + 1 :] for c in later]
+        if rest and not urgent.intersection(c.id for c in rest) and urgent_waiting():
+            assert pending is not None
+            pending.cancel()
+            yield_to_urgent(rest, node)
+            break
     return outcomes_total
+
+
+# ---- the latency lane -----------------------------------------------------------------------------
+# A flush holds two model batches and the worker reads no message while it scores them, so a single
+# scan submitted meanwhile would wait for the rest of the flush and then ride in a full batch. Two
+# things keep its wait near one batch: between model batches the worker looks at the urgent list
+# and, if something waits there, gives the flush's remaining bulk items back (queued again, their
+# attempt not counted, sent again on the bulk lane) and returns; and an urgent message that arrives
+# with no other urgent message behind it is flushed at once instead of after ``max_batch_wait_ms``.
+
+
+def urgent_waiting() -> bool:
+    """Whether a message waits on the urgent lane's Redis list (one LLEN; False if Redis is away)."""
+    try:
+        return bool(_redis().llen(priority_lists()[0]))
+    except Exception:
+        return False
+
+
+def yield_to_urgent(items: Sequence[Claimed], node: str) -> None:
+    """Give claimed but unscored bulk items back to the queue so that urgent work goes first."""
+    settings = get_settings()
+    with_db_retry(lambda: _unclaim([c.id for c in items]), "giving items back", settings.db_retry_s)
+    log.info(
+        "gave %d bulk item(s) back to score urgent work first",
+        len(items),
+        extra={"event": "yielded_to_urgent", "worker_id": node, "items": len(items)},
+    )
+    try:
+        # The bulk lane, whatever their number: a few left-over archive items are not a small job.
+        default_publisher().publish([c.id for c in items], BULK_PRIORITY)
+    except Exception as exc:  # the broker is down: they are queued, so the reaper re-sends them
+        log.warning("could not send %d item(s) back: %s", len(items), type(exc).__name__)
+
+
+def _unclaim(ids: Sequence[int]) -> None:
+    """``running`` items this worker claimed back to ``queued``, the attempt not counted."""
+    with session_scope() as session:
+        session.execute(
+            update(Item)
+            .where(Item.id.in_(ids), Item.status == ItemStatus.running.value)
+            .values(status=ItemStatus.queued.value, attempts=Item.attempts - 1, started_at=None)
+        )
 
 
 def log_batch(
@@ -405,16 +461,7 @@ def release_unreadable(items: Sequence[Claimed], urgent: set[int], error: str) -
     global _storage_problem
     settings = get_settings()
     ids = [c.id for c in items]
-
-    def release() -> None:
-        with session_scope() as session:
-            session.execute(
-                update(Item)
-                .where(Item.id.in_(ids), Item.status == ItemStatus.running.value)
-                .values(status=ItemStatus.queued.value, attempts=Item.attempts - 1, started_at=None)
-            )
-
-    with_db_retry(release, "releasing unreadable items", settings.db_retry_s)
+    with_db_retry(lambda: _unclaim(ids), "releasing unreadable items", settings.db_retry_s)
     node = worker_id()
     first = _storage_problem is None
     _storage_problem = error.split(":", 1)[0] or "OSError"  # the error type (see ScanStore.read)

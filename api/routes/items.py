@@ -9,6 +9,7 @@ Grad-CAM route.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any, Literal
 
 import numpy as np
@@ -21,9 +22,11 @@ from api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Problem
 from brainscan.db import ApiKey, Item, Job
 from brainscan.imaging import ScanError, load_pixels, open_image
-from brainscan.modelrepo import ModelNotFound, resolve_model
+from brainscan.modelrepo import ModelNotFound, public_reason, resolve_model
 from brainscan.settings import Settings
+from brainscan.storage import StorageUnavailable
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,7 +53,10 @@ def own_item(session: Session, caller: ApiKey, item_id: int) -> Item:
         **NOT_FOUND,
         200: {"content": {"image/png": {}}, "description": "The stored scan, as PNG."},
         422: {"model": Problem, "description": "The stored file cannot be decoded."},
-        503: {"model": Problem, "description": "`view=model`: no model to serve."},
+        503: {
+            "model": Problem,
+            "description": "Scan storage unreadable, or (`view=model`) no model to serve.",
+        },
     },
 )
 def item_image(
@@ -67,11 +73,19 @@ def item_image(
 ) -> Response:
     """The scan this item scored (DICOM/NIfTI items: the PNG derived at intake)."""
     item = own_item(session, caller, item_id)
-    if item.sha256 is None or not store.exists(item.sha256):
+    if item.sha256 is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no scan stored for this item")
-    data = store.read(item.sha256)
+    try:
+        data = store.read(item.sha256)
+    except FileNotFoundError:  # removed by retention or `brainscan jobs purge`; the store is fine
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no scan stored for this item") from None
+    except StorageUnavailable as exc:
+        log.warning("item %s: scan storage unreadable: %s", item.id, exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail=exc.public_message, headers={"Retry-After": "5"}
+        ) from None
     if view == "model":
-        png, model = _as_model_sees_it(data, settings)
+        png, model = _as_model_sees_it(item.id, data, settings)
         # Not cached for long: a promotion changes the frame.
         return Response(
             png,
@@ -86,7 +100,8 @@ def item_image(
         try:
             image = open_image(data, settings.max_image_pixels)
         except ScanError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+            log.warning("item %s: stored scan cannot be decoded: %s", item.id, exc)
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=exc.public_message) from None
         if image.mode not in ("L", "RGB"):
             image = image.convert("RGB")
         out = io.BytesIO()
@@ -100,17 +115,20 @@ def item_image(
     )
 
 
-def _as_model_sees_it(data: bytes, settings: Settings) -> tuple[bytes, str]:
+def _as_model_sees_it(item_id: int, data: bytes, settings: Settings) -> tuple[bytes, str]:
     """The scan through the serving path's decode, crop and resize, in grey as the Grad-CAM overlay
     draws it (worker/gradcam.py ``overlay_png``); and the model, as ``name/version``."""
     try:
         ref = resolve_model(settings.model_dir, settings.model_name, settings.model_version)
     except (ModelNotFound, OSError, ValueError) as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        # The full text (model folder, card errors) is for the operator's log only.
+        log.warning("item %s: view=model: no model to serve: %s", item_id, exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=public_reason(exc)) from None
     try:
         pixels = load_pixels(data, ref.card.input_spec, settings.max_image_pixels)
     except ScanError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+        log.warning("item %s: view=model: stored scan cannot be decoded: %s", item_id, exc)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=exc.public_message) from None
     grey = pixels.astype(np.float32).mean(axis=-1) if pixels.ndim == 3 else pixels.astype(np.float32)
     out = io.BytesIO()
     Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L").save(out, format="PNG")

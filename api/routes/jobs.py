@@ -24,6 +24,7 @@ from api.upload import (
 )
 from brainscan import intake, results
 from brainscan.db import ApiKey, Job
+from brainscan.jobs import IntakeClosed
 from brainscan.settings import Settings
 from brainscan.webhooks import DestinationPolicy
 
@@ -82,7 +83,7 @@ async def submit_job(
     publisher: PublisherDep,
 ) -> JSONResponse:
     """Upload scans (multipart field `files`, repeatable). Stored first, then queued: answers 202."""
-    form = await _spool(request, settings, store.tmp_dir)
+    form = await _spool(request, settings, store.tmp_dir, caller.id)
     try:
         if not form.files:
             raise HTTPException(
@@ -102,6 +103,10 @@ async def submit_job(
                 notify=publisher.notify_jobs,
                 callback_url=callback_url,
             )
+        except IntakeClosed as exc:
+            # The reaper closed this (slow) intake half way: the message names the job, which holds
+            # what was stored before, and says to submit the rest again. No path or content in it.
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
         except OSError as exc:
             log.error("storage failed during intake: %s", type(exc).__name__)
             raise HTTPException(
@@ -127,7 +132,7 @@ async def submit_job(
     return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED, headers={"Location": status_url})
 
 
-async def _spool(request: Request, settings: Settings, tmp_dir: Path) -> SpooledForm:
+async def _spool(request: Request, settings: Settings, tmp_dir: Path, caller_id: int) -> SpooledForm:
     """The multipart body on disk, or 413 (over the cap) / 400 (malformed); nothing left behind."""
     try:
         return await spool_multipart(
@@ -158,7 +163,8 @@ async def _spool(request: Request, settings: Settings, tmp_dir: Path) -> Spooled
             "(BRAINSCAN_MAX_REQUEST_BYTES); nothing was stored",
         ) from None
     except MalformedUpload as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from None
+        log.info("upload refused as malformed (key %s): %s", caller_id, exc)
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=exc.public_message) from None
 
 
 def _flag(value: str | None) -> bool:

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from brainscan.db import Item, ItemStatus, Job, JobStatus
 from brainscan.queue_contract import QUEUE, priority_lists
-from brainscan.queueing import count_heartbeats, redis_client
+from brainscan.queueing import redis_client
 from brainscan.settings import Settings
 from brainscan.workers import read_beats
 
@@ -217,7 +217,7 @@ class BrokerCollector(Collector):
                 beats = read_beats(client)  # each worker's latest heartbeat, with its health
             finally:
                 client.close()
-            workers = count_heartbeats(self.settings.broker_url, REDIS_TIMEOUT_S)
+            workers = len(beats)  # one scan of the heartbeat keys serves both figures
         except Exception as exc:
             # The broker URL may hold a password: the error type only.
             log.warning("metrics: broker unreachable (%s)", type(exc).__name__)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
 from api.deps import CallerDep, SettingsDep
 from api.schemas import Problem, ServedModel
-from brainscan.modelrepo import ModelNotFound, resolve_model
+from brainscan.modelrepo import ModelNotFound, public_reason, resolve_model
 from brainscan.variants import choose_variant
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
@@ -28,7 +30,9 @@ def served_model(_caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
     try:
         ref = resolve_model(settings.model_dir, settings.model_name, settings.model_version)
     except (ModelNotFound, OSError, ValueError) as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        # The full text (model folder, card errors) is for the operator's log only.
+        log.warning("GET /v1/models: no model to serve: %s", exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=public_reason(exc)) from None
     card = ref.card
     spec = card.input_spec
     return {

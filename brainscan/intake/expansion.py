@@ -179,6 +179,37 @@ class _ScanTooLarge(Exception):
         self.reason = reason
 
 
+@dataclass
+class UploadCharge:
+    """What one uploaded file costs its key's daily byte quota (:mod:`brainscan.quotas`): the larger
+    of the bytes received for it and the scan bytes it stored, so a file refused at intake (junk, a
+    bad header, an archive of nothing usable) costs its size like a stored one.
+
+    Spread over the file's entries as they are recorded (a chunk may be committed before the file
+    ends): the first entry is charged up to the bytes received, each later one only what the stored
+    scans add beyond that. Entries dropped meanwhile (a tar stream found over the entry limit) are
+    no items: the sums are then taken again from the entries that remain.
+    """
+
+    start: int  # where the file's entries begin in ``Intake.entries``
+    received: int
+    stored: int = 0
+    charged: int = 0
+    recorded: int = 0  # len(entries) after the last entry charged
+
+    def charge(self, entries: Sequence[IntakeEntry], entry: IntakeEntry) -> None:
+        """Set ``entry.quota_bytes``; ``entry`` is about to be appended to ``entries``."""
+        if len(entries) < self.recorded:
+            remaining = entries[self.start :]
+            self.stored = sum(e.size for e in remaining if e.sha256 is not None)
+            self.charged = sum(e.quota_bytes or 0 for e in remaining)
+        if entry.sha256 is not None:
+            self.stored += entry.size
+        entry.quota_bytes = max(self.received, self.stored) - self.charged
+        self.charged += entry.quota_bytes
+        self.recorded = len(entries) + 1
+
+
 class _JobFull(Exception):
     pass
 
@@ -199,8 +230,14 @@ class Intake:
     # Called after each recorded entry: submit's chunked writer commits and enqueues from here, so
     # scoring starts while the rest is read. A zip over the entry limit is refused before any of its
     # members is recorded; a tar stream (read once) can be found over it half way, and then its
-    # recorded entries are dropped from ``entries`` (submit keeps those it already committed).
+    # recorded entries are dropped from ``entries``, except those already committed.
     on_record: Callable[[], None] | None = None
+    # ``entries[:committed]`` are items of a committed job already (submit's chunk writer sets it):
+    # they may be scored already, so nothing drops them, and ``len(entries)`` is always the job's
+    # item count (what ``max_items_per_job`` is checked against) and ``entries[committed:]`` the
+    # next chunk.
+    committed: int = 0
+    upload: UploadCharge | None = field(default=None, init=False, repr=False)  # the file being read
 
     def __post_init__(self) -> None:
         self.budget = RequestBudget(self.limits)
@@ -217,7 +254,9 @@ class Intake:
         if self.full:
             return
         try:
-            self.budget.add_upload(path.stat().st_size)
+            received = path.stat().st_size
+            self.budget.add_upload(received)
+            self.upload = UploadCharge(start=len(self.entries), received=received)
             try:
                 self.budget.check()
             except BudgetSpent as exc:
@@ -408,16 +447,33 @@ class Intake:
             if seen == 0:
                 self._fail(name, "empty archive: no files in it")
         except _TooManyEntries:
-            # Refused whole: a job never holds an arbitrary first part of a huge archive. (A zip is
-            # counted before anything of it is read; a tar stream is read once, so scans it stored
-            # before the limit stay unreferenced until retention removes them.)
-            del self.entries[start:]
-            self.full = len(self.entries) >= self.limits.max_items_per_job
-            self._fail(
-                name,
+            # Refused whole where it can be: a job never holds an arbitrary first part of a huge
+            # archive. A zip is counted before anything of it is read. A tar stream is read once: the
+            # scans it stored before the limit stay unreferenced until retention removes them, but
+            # the entries already committed (chunked intake) are items of the job, perhaps scored
+            # already: they stay, and the reason says so.
+            kept = max(start, self.committed)
+            del self.entries[kept:]
+            too_many = (
                 f"archive has more than {self.limits.max_archive_entries} entries "
-                "(BRAINSCAN_MAX_ARCHIVE_ENTRIES): split it",
+                "(BRAINSCAN_MAX_ARCHIVE_ENTRIES)"
             )
+            if kept > start:
+                reason = (
+                    f"{too_many}: its first {kept - start} item(s) were stored before that was found "
+                    "and are scored, the rest of it was not read; split it"
+                )
+            else:
+                reason = f"{too_many}: split it"
+            # The reason is recorded even in a full job: it is then the one item over
+            # max_items_per_job (like the "job reached its limit" item), and says that too.
+            self.full = len(self.entries) >= self.limits.max_items_per_job
+            if self.full:
+                reason += (
+                    f"; the job reached its limit of {self.limits.max_items_per_job} scans "
+                    "(BRAINSCAN_MAX_ITEMS_PER_JOB): submit the rest as another job"
+                )
+            self._record(IntakeEntry(name, error=reason))
         except BudgetSpent as exc:
             self._fail(name, f"{exc}; the rest of the archive was not read")
         except BadArchive as exc:
@@ -511,21 +567,29 @@ class Intake:
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def _reserve_item(self, name: str) -> None:
+        """Room for one more item, or the job is full: then the entry that says so is the one item
+        over ``max_items_per_job`` (a job holds at most that many, plus this explanation), and
+        nothing after it is read."""
         if len(self.entries) >= self.limits.max_items_per_job:
             self.full = True
-            self.entries.append(
-                IntakeEntry(
-                    name,
-                    error=f"not read: the job reached its limit of {self.limits.max_items_per_job} scans "
-                    "(BRAINSCAN_MAX_ITEMS_PER_JOB); submit the rest as another job",
-                )
+            full = IntakeEntry(
+                name,
+                error=f"not read: the job reached its limit of {self.limits.max_items_per_job} scans "
+                "(BRAINSCAN_MAX_ITEMS_PER_JOB); submit the rest as another job",
             )
+            self._charge(full)
+            self.entries.append(full)
             raise _JobFull
 
     def _record(self, entry: IntakeEntry) -> None:
+        self._charge(entry)
         self.entries.append(entry)
         if self.on_record is not None:
             self.on_record()
+
+    def _charge(self, entry: IntakeEntry) -> None:
+        if self.upload is not None:
+            self.upload.charge(self.entries, entry)
 
     def _fail(self, name: str, error: str) -> None:
         self._reserve_item(name)

@@ -7,21 +7,23 @@ status ``receiving`` (visible and pollable from then on); :func:`brainscan.jobs.
 ``receiving``. An upload smaller than one chunk is written in one transaction, like before. If intake
 fails half way in this process (storage or database error), the job gets one failed item saying so
 before the error goes up; if the process dies, the reaper does the same
-(:func:`brainscan.jobs.close_abandoned_intakes`).
+(:func:`brainscan.jobs.close_abandoned_intakes`). The reaper may also close an intake that is only
+slow (nothing stored for ``stale_after_s``): its next chunk is then refused whole and
+:class:`brainscan.jobs.IntakeClosed` goes up, with nothing more written to the closed job.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from brainscan.db import Job, JobStatus
 from brainscan.intake.expansion import Intake, IntakeLimits
-from brainscan.jobs import IntakeEntry, add_items, close_intake, create_job, interrupt_intake
+from brainscan.jobs import IntakeClosed, IntakeEntry, add_items, close_intake, create_job, interrupt_intake
 from brainscan.storage import ScanStore
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,11 @@ class _ChunkWriter:
     chunk: int = INTAKE_CHUNK
     job: Job | None = None
     written: int = 0  # items committed (the next item's position)
-    seen: int = 0  # len(intake.entries) at the last commit
+    last_committed: IntakeEntry | None = None
     enqueued: bool = True
-    # The entries committed, by id(); the list keeps them alive so that no new entry reuses an id.
-    committed: set[int] = field(default_factory=set)
-    committed_entries: list[IntakeEntry] = field(default_factory=list)
 
     def on_record(self) -> None:
-        if len(self.intake.entries) - self.seen >= self.chunk:
+        if len(self.intake.entries) - self.written >= self.chunk:
             try:
                 self.flush(final=False)
             except Exception as exc:
@@ -71,15 +70,14 @@ class _ChunkWriter:
 
     def flush(self, final: bool) -> None:
         entries = self.intake.entries
-        last = self.committed_entries[-1] if self.committed_entries else None
-        if self.seen == 0 or (len(entries) >= self.seen and entries[self.seen - 1] is last):
-            fresh = entries[self.seen :]  # appended since the last commit: the usual case
-        else:
-            # Intake dropped entries it had recorded (a tar stream found over the entry limit half
-            # way). Those already committed stay items of the job (they may be scored already); the
-            # failed entry that says why comes after them.
-            fresh = [entry for entry in entries if id(entry) not in self.committed]
-        self.seen = len(entries)
+        # Intake never drops a committed entry (``Intake.committed``; a tar stream found over the
+        # entry limit half way drops only what came after the last commit), so what follows the
+        # committed prefix is exactly the next chunk, positions and totals included.
+        if self.written and (
+            len(entries) < self.written or entries[self.written - 1] is not self.last_committed
+        ):
+            raise RuntimeError("intake dropped entries that are committed items of the job")
+        fresh = entries[self.written :]
         if not fresh and self.job is not None:
             return
         if any(entry.sha256 for entry in fresh):
@@ -98,8 +96,9 @@ class _ChunkWriter:
         else:
             queued = add_items(self.session, self.job.id, fresh, self.written)
         self.written += len(fresh)
-        self.committed.update(id(entry) for entry in fresh)
-        self.committed_entries.extend(fresh)
+        self.intake.committed = self.written
+        if fresh:
+            self.last_committed = fresh[-1]
         # Broker down once: stop trying for this job (each try costs the publish retries); the
         # committed items are sent by the reaper.
         if queued and self.enqueued:
@@ -135,7 +134,18 @@ def submit_job(
         writer.flush(final=True)
     except BaseException as exc:
         cause = exc.__cause__ if isinstance(exc, _ChunkWriteFailed) and exc.__cause__ else exc
-        if writer.job is not None:  # nothing committed yet: no job, the error says it all
+        if isinstance(cause, IntakeClosed):
+            # The reaper took this slow intake for a dead one and closed the job, with the failed
+            # item that says so after the items committed: nothing more is written to it.
+            session.rollback()
+            log.error(
+                "job %s: intake closed by the reaper after %d item(s) (slower than stale_after_s); "
+                "the rest of the upload was not stored",
+                cause.job_id,
+                writer.written,
+                extra={"job_id": cause.job_id},
+            )
+        elif writer.job is not None:  # nothing committed yet: no job, the error says it all
             _record_interruption(session, writer.job.id, writer.written, cause)
         raise cause from None
     job = writer.job

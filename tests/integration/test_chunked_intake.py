@@ -16,16 +16,26 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from brainscan.db import Item, Job, session_scope, utcnow
-from brainscan.jobs import INTERRUPTED_INTAKE_NAME
+from brainscan.db import Item, ItemStatus, Job, make_engine, session_scope, utcnow
+from brainscan.jobs import (
+    INTERRUPTED_INTAKE_NAME,
+    IntakeClosed,
+    IntakeEntry,
+    add_items,
+    close_abandoned_intakes,
+    create_job,
+    interrupt_intake,
+)
 from tests.support.archives import make_zip
 from tests.support.backends import Backend
 from tests.support.environment import ROOT, wait_for
 from tests.support.images import make_jpeg
 from tests.support.processes import Service
 from tests.support.records import job_finished, make_key
+from tests.support.services import own_database
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +226,66 @@ def test_an_archive_through_the_http_api_is_scored_whole(
     _, items = job_state(backend, body["id"])
     assert [item.position for item in items] == list(range(151))
     assert all(item.enqueued_at is not None for item in items if item.sha256 is not None)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sessions_of_its_own(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated database of this test's own: the reaper closes every stale intake in it."""
+    with own_database(request.param, tmp_path) as url:
+        engine = make_engine(url)
+        yield sessionmaker(engine, expire_on_commit=False)
+        engine.dispose()
+
+
+def test_a_chunk_after_the_reaper_closed_the_intake_is_refused_whole(
+    sessions_of_its_own: sessionmaker[Session],
+) -> None:
+    sessions = sessions_of_its_own
+    with sessions() as session:
+        job_id = create_job(
+            session, None, [IntakeEntry(f"{i}.jpg", sha256=f"{i}" * 64) for i in range(2)], receiving=True
+        ).id
+        add_items(session, job_id, [IntakeEntry("b.txt", error="unsupported file type")], 2)
+        # Workers scored both scans while the intake was (slowly) still reading.
+        now = utcnow()
+        session.execute(
+            update(Item)
+            .where(Item.job_id == job_id, Item.status == ItemStatus.queued.value)
+            .values(status=ItemStatus.succeeded.value, started_at=now, finished_at=now)
+        )
+        session.execute(update(Job).where(Job.id == job_id).values(done=2))
+        session.commit()
+        later = utcnow() + timedelta(seconds=601)
+        assert [job.id for job in close_abandoned_intakes(session, stale_after_s=600, now=later)] == [job_id]
+
+    def state() -> tuple[tuple, list[tuple]]:
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            items = session.execute(
+                select(Item.position, Item.filename, Item.status)
+                .where(Item.job_id == job_id)
+                .order_by(Item.position)
+            ).all()
+            return (job.status, job.total, job.done, job.failed, job.finished_at), [tuple(i) for i in items]
+
+    closed = state()
+    assert closed == (
+        ("partial", 4, 2, 2, closed[0][4]),
+        [
+            (0, "0.jpg", "succeeded"),
+            (1, "1.jpg", "succeeded"),
+            (2, "b.txt", "failed"),
+            (3, INTERRUPTED_INTAKE_NAME, "failed"),
+        ],
+    )
+    assert closed[0][4] is not None
+
+    # The intake was only slow: its next chunk comes now, and is refused whole.
+    with sessions() as session, pytest.raises(IntakeClosed) as raised:
+        add_items(session, job_id, [IntakeEntry("5.jpg", sha256="5" * 64), IntakeEntry("x", error="bad")], 3)
+    assert raised.value.job_id == job_id and "submit the rest again" in str(raised.value)
+    # Its error handling does not mark the closed job a second time either.
+    with sessions() as session:
+        assert interrupt_intake(session, job_id, "intake stopped after 3 item(s)") is None
+    assert state() == closed  # items, counts, status and finished_at as the reaper left them

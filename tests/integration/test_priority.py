@@ -9,9 +9,6 @@ of the database's own ``finished_at`` stamps says who went first.
 
 from __future__ import annotations
 
-import base64
-import json
-
 import pytest
 from sqlalchemy import select
 
@@ -20,30 +17,11 @@ from tests.support.backends import Backend
 from tests.support.environment import wait_for
 from tests.support.images import make_jpeg
 from tests.support.processes import Service
-from tests.support.records import create_job, job_finished
+from tests.support.records import create_job, job_finished, queued_ids
 
 pytestmark = pytest.mark.integration
 
 BIG = 120  # > urgent_max_items: bulk lane; 15 messages of enqueue_chunk=8 in the test env
-
-
-def queued_ids(backend: Backend, key: str) -> set[int]:
-    """Item ids in the score messages waiting in one of the queue's Redis lists."""
-    import redis
-
-    client = redis.Redis.from_url(backend.broker_url)
-    try:
-        raw = client.lrange(key, 0, -1)
-    finally:
-        client.close()
-    ids: set[int] = set()
-    for message in raw:
-        envelope = json.loads(message)
-        if envelope.get("headers", {}).get("task") != "brainscan.score_items":
-            continue
-        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-        ids.update(int(i) for i in args[0])
-    return ids
 
 
 def item_rows(backend: Backend, job_id: str) -> tuple[Job, list[Item]]:

@@ -1,8 +1,10 @@
 """Rows written straight into a backend's database: jobs with their items (worker tests without the
-API) and API keys; and whether a job has finished."""
+API) and API keys; whether a job has finished; and which items wait in the broker's lists."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 
 from tests.support.backends import Backend
@@ -43,3 +45,22 @@ def make_key(backend: Backend, name: str = "") -> tuple[int, str]:
         key, plaintext = auth.create_key(session, name or f"test-{uuid.uuid4().hex[:6]}")
         session.flush()
         return key.id, plaintext
+
+
+def queued_ids(backend: Backend, key: str) -> set[int]:
+    """Item ids in the score messages waiting in one of the queue's Redis lists."""
+    import redis
+
+    client = redis.Redis.from_url(backend.broker_url)
+    try:
+        raw = client.lrange(key, 0, -1)
+    finally:
+        client.close()
+    ids: set[int] = set()
+    for message in raw:
+        envelope = json.loads(message)
+        if envelope.get("headers", {}).get("task") != "brainscan.score_items":
+            continue
+        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        ids.update(int(i) for i in args[0])
+    return ids

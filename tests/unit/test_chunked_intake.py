@@ -19,6 +19,7 @@ from brainscan.db import Base, Item, ItemStatus, Job, JobStatus, make_engine
 from brainscan.intake import IntakeLimits, submit_job
 from brainscan.jobs import (
     INTERRUPTED_INTAKE_NAME,
+    IntakeClosed,
     IntakeEntry,
     add_items,
     close_abandoned_intakes,
@@ -102,7 +103,11 @@ def test_archive_is_committed_and_enqueued_chunk_by_chunk(
         assert [item.filename for item in items[:2]] == ["a.zip/s/000.jpg", "a.zip/s/001.jpg"]
         assert items[-1].status == "failed" and items[-1].error.startswith("unsupported")
         assert all(item.sha256 and store.exists(item.sha256) for item in items[:-1])
-        assert items[0].size_bytes == len(members["s/000.jpg"])
+        # The quota charge (brainscan.quotas): the larger of the upload's size and the scans stored,
+        # spread over items committed in three chunks.
+        stored = sum(len(data) for name, data in members.items() if name.endswith(".jpg"))
+        uploaded = (tmp_path / "upload-a.zip").stat().st_size
+        assert sum(item.size_bytes for item in items) == max(uploaded, stored)
 
 
 def test_broker_down_stops_sending_but_stores_everything(
@@ -214,6 +219,17 @@ def test_close_intake_of_a_job_being_scored_is_running(sessions: sessionmaker[Se
         assert closed.started_at is not None
 
 
+def test_add_items_to_a_job_no_longer_receiving_writes_nothing(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        job_id = create_job(session, None, [IntakeEntry("a.jpg", sha256="e" * 64)], receiving=True).id
+        close_intake(session, job_id)
+        with pytest.raises(IntakeClosed):
+            add_items(session, job_id, [IntakeEntry("b.jpg", sha256="f" * 64)], 1)
+    job, items = job_items(sessions, job_id)
+    assert (job.status, job.total, job.failed) == ("queued", 1, 0)
+    assert [item.filename for item in items] == ["a.jpg"]
+
+
 def test_reaper_marks_only_stale_intakes(sessions: sessionmaker[Session]) -> None:
     with sessions() as session:
         stale = create_job(
@@ -243,6 +259,14 @@ def test_reaper_marks_only_stale_intakes(sessions: sessionmaker[Session]) -> Non
         assert session.get(Job, done_receiving.id).status == "queued"
 
 
+def job_items(sessions: sessionmaker[Session], job_id: str) -> tuple[Job, list[Item]]:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        items = session.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.position)).all()
+        return job, list(items)
+
+
 def test_tar_found_over_the_entry_limit_keeps_the_chunks_already_committed(
     sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
@@ -251,21 +275,122 @@ def test_tar_found_over_the_entry_limit_keeps_the_chunks_already_committed(
     path = tmp_path / "big.tar"
     path.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
     limits = replace(LIMITS, max_archive_entries=10)
+    recorder = Recorder(sessions)
     with sessions() as session:
         result = submit_job(
             session, store, limits, None, [(path, "big.tar")],
-            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=4,
+            enqueue=recorder, notify=lambda ids: None, chunk=4,
         )  # fmt: skip
-    with sessions() as session:
-        items = session.scalars(
-            select(Item).where(Item.job_id == result.job.id).order_by(Item.position)
-        ).all()
+    job, items = job_items(sessions, result.job.id)
     # A tar is read once: the two chunks committed before the 11th entry stay (they may be scored
     # already); entries 9-10 were not committed and are dropped; one failed item says why.
+    assert recorder.calls[:2] == [("receiving", 4, 4), ("receiving", 8, 8)]
     assert [item.position for item in items] == list(range(9))
+    assert [item.filename for item in items] == [f"big.tar/{i:02d}.jpg" for i in range(8)] + ["big.tar"]
     assert [item.status for item in items] == ["queued"] * 8 + ["failed"]
-    assert "more than 10 entries" in items[-1].error
+    assert items[-1].error == (
+        "archive has more than 10 entries (BRAINSCAN_MAX_ARCHIVE_ENTRIES): its first 8 item(s) were "
+        "stored before that was found and are scored, the rest of it was not read; split it"
+    )
+    assert (job.status, job.total, job.failed) == ("queued", 9, 1)
     assert (result.job.total, result.job.failed) == (9, 1)
+
+
+def test_tar_over_the_entry_limit_half_way_never_lets_the_job_pass_its_item_limit(
+    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+) -> None:
+    """The committed part of the tar counts against max_items_per_job for the files after it."""
+    from dataclasses import replace
+
+    tar = tmp_path / "big.tar"
+    tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
+    more = upload(tmp_path, "more.zip", {f"{i}.jpg": make_jpeg(100 + i) for i in range(10)})
+    limits = replace(LIMITS, max_archive_entries=10, max_items_per_job=12)
+    with sessions() as session:
+        result = submit_job(
+            session, store, limits, None, [(tar, "big.tar"), more],
+            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=4,
+        )  # fmt: skip
+    job, items = job_items(sessions, result.job.id)
+    # 8 committed tar scans + its reason + 3 scans of more.zip = 12 (the limit), then the one
+    # explanatory item over it; positions dense, the job's counts equal its rows.
+    assert [item.position for item in items] == list(range(13))
+    assert [item.filename for item in items[8:]] == [
+        "big.tar",
+        "more.zip/0.jpg",
+        "more.zip/1.jpg",
+        "more.zip/2.jpg",
+        "more.zip/3.jpg",
+    ]
+    assert [item.status for item in items] == ["queued"] * 8 + ["failed"] + ["queued"] * 3 + ["failed"]
+    assert "more than 10 entries" in items[8].error and "the rest of it was not read" in items[8].error
+    assert items[-1].error.startswith("not read: the job reached its limit of 12 scans")
+    assert (job.total, job.failed) == (len(items), 2) == (result.job.total, result.job.failed)
+
+
+def test_tar_over_the_entry_limit_in_a_full_job_says_both(
+    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    tar = tmp_path / "big.tar"
+    tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
+    after = upload(tmp_path, "after.zip", {"a.jpg": make_jpeg(99)})
+    limits = replace(LIMITS, max_archive_entries=10, max_items_per_job=10)
+    with sessions() as session:
+        result = submit_job(
+            session, store, limits, None, [(tar, "big.tar"), after],
+            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=5,
+        )  # fmt: skip
+    job, items = job_items(sessions, result.job.id)
+    # All 10 scans were committed when the 11th entry was found: the reason is the one item over
+    # the limit, and nothing of after.zip is read.
+    assert [item.position for item in items] == list(range(11))
+    assert [item.status for item in items] == ["queued"] * 10 + ["failed"]
+    assert items[-1].filename == "big.tar"
+    assert items[-1].error == (
+        "archive has more than 10 entries (BRAINSCAN_MAX_ARCHIVE_ENTRIES): its first 10 item(s) were "
+        "stored before that was found and are scored, the rest of it was not read; split it; the job "
+        "reached its limit of 10 scans (BRAINSCAN_MAX_ITEMS_PER_JOB): submit the rest as another job"
+    )
+    assert (job.total, job.failed) == (11, 1)
+
+
+def test_a_slow_intake_closed_by_the_reaper_stops_with_a_clean_error(
+    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+) -> None:
+    first = upload(tmp_path, "first.zip", {f"{i}.jpg": make_jpeg(i) for i in range(4)})
+    second = upload(tmp_path, "second.zip", {f"{i}.jpg": make_jpeg(50 + i) for i in range(4)})
+    closed: list[Job] = []
+
+    def slow_upload() -> Iterator[tuple[Path, str]]:
+        yield first
+        # Between two files (no timing involved): the reaper runs as if stale_after_s had passed
+        # and takes this live but slow intake for a dead one.
+        with sessions() as session:
+            later = datetime.now(UTC) + timedelta(seconds=601)
+            closed.extend(close_abandoned_intakes(session, stale_after_s=600, now=later))
+        yield second
+
+    with sessions() as session, pytest.raises(IntakeClosed) as raised:
+        submit_job(
+            session, store, LIMITS, None, slow_upload(),  # type: ignore[arg-type]
+            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=4,
+        )  # fmt: skip
+    assert len(closed) == 1
+    job_id = closed[0].id
+    assert raised.value.job_id == job_id
+    assert "submit the rest again" in str(raised.value) and "BRAINSCAN_STALE_AFTER_S" in str(raised.value)
+    assert str(tmp_path) not in str(raised.value)
+    job, items = job_items(sessions, job_id)
+    # As the reaper left it: the first chunk, then its one reason item; nothing of second.zip and
+    # no second "interrupted" item from the intake's own error handling.
+    assert (job.status, job.total, job.failed, job.finished_at) == ("queued", 5, 1, None)
+    assert [item.position for item in items] == list(range(5))
+    assert [item.filename for item in items] == [f"first.zip/{i}.jpg" for i in range(4)] + [
+        INTERRUPTED_INTAKE_NAME
+    ]
+    assert "4 item(s) were stored" in items[-1].error
 
 
 def test_an_upload_smaller_than_a_chunk_is_one_transaction_never_receiving(

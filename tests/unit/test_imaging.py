@@ -98,6 +98,25 @@ def test_head_zscore_is_per_scan_in_a_batch_and_in_tensorflow() -> None:
     assert abs(float(one_by_one[0][head].mean())) < 1e-3  # standardised inside the head mask
 
 
+def test_uint8_serving_path_matches_the_float_path_the_training_graph_runs() -> None:
+    # Serving (and evaluation) normalise uint8 pixels from a histogram; training runs the float
+    # formula in TensorFlow on augmented pixels. Same statistics, same tensor, to float rounding.
+    pixels = np.stack([load_pixels(encode(scan_image(s)), V3) for s in (7, 8, 9)])
+    assert pixels.dtype == np.uint8
+    from_floats = normalize(pixels.astype(np.float32), "head-zscore")
+    from_uint8 = normalize(pixels, "head-zscore")
+    assert from_uint8.dtype == np.float32 and from_uint8.shape == pixels.shape
+    np.testing.assert_allclose(from_uint8, from_floats, atol=1e-5)
+    np.testing.assert_allclose(normalize(pixels[0], "head-zscore"), from_floats[0], atol=1e-5)
+    blank = np.full((32, 32, 1), 40, np.uint8)  # no head at all: finite, like the float path
+    np.testing.assert_allclose(
+        normalize(blank, "head-zscore"), normalize(blank.astype(np.float32), "head-zscore")
+    )
+    # Other preprocessings take uint8 too (cast first: no uint8 wrap-around in the subtraction).
+    rgb = pixels[0].repeat(3, axis=-1)
+    np.testing.assert_allclose(normalize(rgb, "resnet50"), normalize(rgb.astype(np.float32), "resnet50"))
+
+
 def test_a_blank_scan_is_a_finite_constant() -> None:
     for value in (0, 128):
         tensor = prepare(encode(Image.new("L", (512, 512), value)), V3)

@@ -22,6 +22,7 @@ from brainscan.trust import (
     decide,
     expected_calibration_error,
     fit_temperature,
+    input_measures,
     input_thumbnail,
     negative_log_likelihood,
     quantile_threshold,
@@ -186,3 +187,12 @@ def test_input_checks_refuse_blank_colour_and_text_but_not_a_head() -> None:
     # The same head in grey stored as RGB (as many scans are) passes too; a disabled check does not run.
     assert check_input(input_thumbnail(png(head.convert("RGB"))), checks) is None
     assert check_input(input_thumbnail(png(colour)), InputChecks(enabled=["near_constant"])) is None
+
+
+def test_a_grey_file_is_checked_on_one_channel_with_the_same_measures_as_three() -> None:
+    head = Image.fromarray(draw_scan(1, seed=3, size=160))
+    grey, rgb = input_thumbnail(png(head)), input_thumbnail(png(head.convert("RGB")))
+    assert grey.shape == (64, 64, 1) and rgb.shape == (64, 64, 3)
+    np.testing.assert_array_equal(rgb, grey.repeat(3, axis=-1))
+    assert input_measures(grey) == input_measures(rgb)
+    assert input_measures(grey)["colour_share"] == 0.0
