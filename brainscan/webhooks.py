@@ -234,7 +234,9 @@ def post_once(
         remaining = deadline_s - (time.monotonic() - started)
         if remaining <= 0:
             raise TimeoutError
-        response = asyncio.run(_post_within(callback_url, target, address, payload, headers, remaining))
+        # The whole try (connect, send, answer) within what the lookup left of the deadline.
+        post = _post(callback_url, target, address, payload, headers, remaining)
+        response = asyncio.run(asyncio.wait_for(post, remaining))
     except ResolutionFailed as exc:
         log.warning("webhook not sent: %s", exc, extra=extra)
         return Attempt(False, True, str(exc), timed_out=exc.timed_out)
@@ -259,18 +261,6 @@ def _target(url: str) -> httpx.URL:
     if target.scheme not in ("http", "https") or not target.host:
         raise ValueError("callback_url must be an http(s) URL")
     return target
-
-
-async def _post_within(
-    url: str,
-    target: httpx.URL,
-    address: IPAddress,
-    payload: dict[str, Any],
-    headers: dict[str, str],
-    deadline_s: float,
-) -> httpx.Response:
-    async with asyncio.timeout(deadline_s):
-        return await _post(url, target, address, payload, headers, deadline_s)
 
 
 async def _post(

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
+from brainscan.db import Base, make_engine
 from tests.support.backends import Backend
 from tests.support.processes import Service, start_api, start_worker
 from tests.support.records import make_key
@@ -42,6 +44,15 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # ---- Redis ----------------------------------------------------------------------------------
+@pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A fresh SQLite file with the schema (``create_all``), for unit tests of database code."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    Base.metadata.create_all(engine)
+    yield sessionmaker(engine, expire_on_commit=False)
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The system Redis (CI) on a dedicated db number, flushed at the start of the session."""

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from brainscan.db import Base, Item, ItemStatus, Job, JobStatus, make_engine
-from brainscan.intake import IntakeLimits, submit_job
+from brainscan.db import Item, ItemStatus, Job, JobStatus
+from brainscan.intake import submit_job
 from brainscan.jobs import (
     INTERRUPTED_INTAKE_NAME,
     IntakeClosed,
@@ -29,22 +29,9 @@ from brainscan.jobs import (
 from brainscan.storage import ScanStore
 from tests.support.archives import make_tar, make_zip
 from tests.support.images import make_jpeg
+from tests.support.intake import ROOMY_LIMITS
 
-LIMITS = IntakeLimits(
-    max_archive_entries=1000,
-    max_expanded_bytes=64 * 1024 * 1024,
-    max_scan_bytes=1024 * 1024,
-    max_image_pixels=1_000_000,
-    max_items_per_job=1000,
-)
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    Base.metadata.create_all(engine)
-    yield sessionmaker(engine, expire_on_commit=False)
-    engine.dispose()
+LIMITS = ROOMY_LIMITS
 
 
 @pytest.fixture
@@ -76,12 +63,12 @@ class Recorder:
 
 
 def test_archive_is_committed_and_enqueued_chunk_by_chunk(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     members = {f"s/{i:03d}.jpg": make_jpeg(i) for i in range(150)}
     members["s/notes.txt"] = b"not a scan"
-    recorder = Recorder(sessions)
-    with sessions() as session:
+    recorder = Recorder(sqlite_sessions)
+    with sqlite_sessions() as session:
         result = submit_job(
             session,
             store,
@@ -95,7 +82,7 @@ def test_archive_is_committed_and_enqueued_chunk_by_chunk(
     # Each send came after its chunk's commit, while the job was still receiving and growing.
     assert recorder.calls == [("receiving", 64, 64), ("receiving", 128, 128), ("receiving", 151, 151)]
     assert result.enqueued is True
-    with sessions() as session:
+    with sqlite_sessions() as session:
         job = session.get(Job, result.job.id)
         assert (job.status, job.total, job.failed, job.finished_at) == ("queued", 151, 1, None)
         items = session.scalars(select(Item).where(Item.job_id == job.id).order_by(Item.position)).all()
@@ -111,29 +98,29 @@ def test_archive_is_committed_and_enqueued_chunk_by_chunk(
 
 
 def test_broker_down_stops_sending_but_stores_everything(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
-    recorder = Recorder(sessions, answer=False)
+    recorder = Recorder(sqlite_sessions, answer=False)
     members = {f"{i}.jpg": make_jpeg(i) for i in range(10)}
-    with sessions() as session:
+    with sqlite_sessions() as session:
         result = submit_job(
             session, store, LIMITS, None, [upload(tmp_path, "b.zip", members)],
             enqueue=recorder, notify=lambda ids: None, chunk=4,
         )  # fmt: skip
     assert result.enqueued is False
     assert len(recorder.calls) == 1  # one failed send; the reaper sends the rest
-    with sessions() as session:
+    with sqlite_sessions() as session:
         assert session.get(Job, result.job.id).total == 10
 
 
 def test_every_file_failed_is_final_at_intake_and_notifies(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     notified: list[str] = []
-    recorder = Recorder(sessions)
+    recorder = Recorder(sqlite_sessions)
     path = tmp_path / "junk"
     path.write_bytes(b"plain text")
-    with sessions() as session:
+    with sqlite_sessions() as session:
         result = submit_job(
             session, store, LIMITS, None, [(path, "junk.txt")],
             enqueue=recorder, notify=notified.extend, callback_url="http://hooks.invalid/x",
@@ -144,7 +131,7 @@ def test_every_file_failed_is_final_at_intake_and_notifies(
 
 
 def test_storage_failure_mid_intake_leaves_a_job_that_says_so(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stored = 0
     real_put = ScanStore.put_chunks
@@ -158,13 +145,13 @@ def test_storage_failure_mid_intake_leaves_a_job_that_says_so(
 
     monkeypatch.setattr(ScanStore, "put_chunks", failing_put)
     members = {f"{i}.jpg": make_jpeg(i) for i in range(8)}
-    with sessions() as session, pytest.raises(OSError) as raised:
+    with sqlite_sessions() as session, pytest.raises(OSError) as raised:
         submit_job(
             session, store, LIMITS, None, [upload(tmp_path, "c.zip", members)],
-            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=2,
+            enqueue=Recorder(sqlite_sessions), notify=lambda ids: None, chunk=2,
         )  # fmt: skip
     assert raised.value.errno == 28  # the caller still sees the real error (the API answers 503)
-    with sessions() as session:
+    with sqlite_sessions() as session:
         job = session.scalars(select(Job)).one()
         items = session.scalars(select(Item).where(Item.job_id == job.id).order_by(Item.position)).all()
     # The 4 items committed before the failure stay (and are scored); one more item says why the
@@ -189,8 +176,8 @@ def finish(session: Session, job_id: str, status: str = ItemStatus.succeeded.val
     session.commit()
 
 
-def test_close_intake_closes_a_job_whose_items_are_all_final(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
+def test_close_intake_closes_a_job_whose_items_are_all_final(sqlite_sessions: sessionmaker[Session]) -> None:
+    with sqlite_sessions() as session:
         job = create_job(session, None, [IntakeEntry("a.jpg", sha256="a" * 64, size=3)], receiving=True)
         assert job.status == JobStatus.receiving.value
         add_items(session, job.id, [IntakeEntry("b.txt", error="unsupported file type")], 1)
@@ -202,8 +189,8 @@ def test_close_intake_closes_a_job_whose_items_are_all_final(sessions: sessionma
         assert close_intake(session, job.id) is None  # only a receiving job closes its intake
 
 
-def test_close_intake_of_a_job_being_scored_is_running(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
+def test_close_intake_of_a_job_being_scored_is_running(sqlite_sessions: sessionmaker[Session]) -> None:
+    with sqlite_sessions() as session:
         job = create_job(
             session, None, [IntakeEntry(f"{i}.jpg", sha256="b" * 64) for i in range(3)], receiving=True
         )
@@ -219,19 +206,21 @@ def test_close_intake_of_a_job_being_scored_is_running(sessions: sessionmaker[Se
         assert closed.started_at is not None
 
 
-def test_add_items_to_a_job_no_longer_receiving_writes_nothing(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
+def test_add_items_to_a_job_no_longer_receiving_writes_nothing(
+    sqlite_sessions: sessionmaker[Session],
+) -> None:
+    with sqlite_sessions() as session:
         job_id = create_job(session, None, [IntakeEntry("a.jpg", sha256="e" * 64)], receiving=True).id
         close_intake(session, job_id)
         with pytest.raises(IntakeClosed):
             add_items(session, job_id, [IntakeEntry("b.jpg", sha256="f" * 64)], 1)
-    job, items = job_items(sessions, job_id)
+    job, items = job_items(sqlite_sessions, job_id)
     assert (job.status, job.total, job.failed) == ("queued", 1, 0)
     assert [item.filename for item in items] == ["a.jpg"]
 
 
-def test_reaper_marks_only_stale_intakes(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
+def test_reaper_marks_only_stale_intakes(sqlite_sessions: sessionmaker[Session]) -> None:
+    with sqlite_sessions() as session:
         stale = create_job(
             session,
             None,
@@ -259,8 +248,8 @@ def test_reaper_marks_only_stale_intakes(sessions: sessionmaker[Session]) -> Non
         assert session.get(Job, done_receiving.id).status == "queued"
 
 
-def job_items(sessions: sessionmaker[Session], job_id: str) -> tuple[Job, list[Item]]:
-    with sessions() as session:
+def job_items(sqlite_sessions: sessionmaker[Session], job_id: str) -> tuple[Job, list[Item]]:
+    with sqlite_sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
         items = session.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.position)).all()
@@ -268,20 +257,20 @@ def job_items(sessions: sessionmaker[Session], job_id: str) -> tuple[Job, list[I
 
 
 def test_tar_found_over_the_entry_limit_keeps_the_chunks_already_committed(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     from dataclasses import replace
 
     path = tmp_path / "big.tar"
     path.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
     limits = replace(LIMITS, max_archive_entries=10)
-    recorder = Recorder(sessions)
-    with sessions() as session:
+    recorder = Recorder(sqlite_sessions)
+    with sqlite_sessions() as session:
         result = submit_job(
             session, store, limits, None, [(path, "big.tar")],
             enqueue=recorder, notify=lambda ids: None, chunk=4,
         )  # fmt: skip
-    job, items = job_items(sessions, result.job.id)
+    job, items = job_items(sqlite_sessions, result.job.id)
     # A tar is read once: the two chunks committed before the 11th entry stay (they may be scored
     # already); entries 9-10 were not committed and are dropped; one failed item says why.
     assert recorder.calls[:2] == [("receiving", 4, 4), ("receiving", 8, 8)]
@@ -297,7 +286,7 @@ def test_tar_found_over_the_entry_limit_keeps_the_chunks_already_committed(
 
 
 def test_tar_over_the_entry_limit_half_way_never_lets_the_job_pass_its_item_limit(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     """The committed part of the tar counts against max_items_per_job for the files after it."""
     from dataclasses import replace
@@ -306,12 +295,12 @@ def test_tar_over_the_entry_limit_half_way_never_lets_the_job_pass_its_item_limi
     tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
     more = upload(tmp_path, "more.zip", {f"{i}.jpg": make_jpeg(100 + i) for i in range(10)})
     limits = replace(LIMITS, max_archive_entries=10, max_items_per_job=12)
-    with sessions() as session:
+    with sqlite_sessions() as session:
         result = submit_job(
             session, store, limits, None, [(tar, "big.tar"), more],
-            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=4,
+            enqueue=Recorder(sqlite_sessions), notify=lambda ids: None, chunk=4,
         )  # fmt: skip
-    job, items = job_items(sessions, result.job.id)
+    job, items = job_items(sqlite_sessions, result.job.id)
     # 8 committed tar scans + its reason + 3 scans of more.zip = 12 (the limit), then the one
     # explanatory item over it; positions dense, the job's counts equal its rows.
     assert [item.position for item in items] == list(range(13))
@@ -329,7 +318,7 @@ def test_tar_over_the_entry_limit_half_way_never_lets_the_job_pass_its_item_limi
 
 
 def test_tar_over_the_entry_limit_in_a_full_job_says_both(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     from dataclasses import replace
 
@@ -337,12 +326,12 @@ def test_tar_over_the_entry_limit_in_a_full_job_says_both(
     tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
     after = upload(tmp_path, "after.zip", {"a.jpg": make_jpeg(99)})
     limits = replace(LIMITS, max_archive_entries=10, max_items_per_job=10)
-    with sessions() as session:
+    with sqlite_sessions() as session:
         result = submit_job(
             session, store, limits, None, [(tar, "big.tar"), after],
-            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=5,
+            enqueue=Recorder(sqlite_sessions), notify=lambda ids: None, chunk=5,
         )  # fmt: skip
-    job, items = job_items(sessions, result.job.id)
+    job, items = job_items(sqlite_sessions, result.job.id)
     # All 10 scans were committed when the 11th entry was found: the reason is the one item over
     # the limit, and nothing of after.zip is read.
     assert [item.position for item in items] == list(range(11))
@@ -357,7 +346,7 @@ def test_tar_over_the_entry_limit_in_a_full_job_says_both(
 
 
 def test_a_slow_intake_closed_by_the_reaper_stops_with_a_clean_error(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     first = upload(tmp_path, "first.zip", {f"{i}.jpg": make_jpeg(i) for i in range(4)})
     second = upload(tmp_path, "second.zip", {f"{i}.jpg": make_jpeg(50 + i) for i in range(4)})
@@ -367,22 +356,22 @@ def test_a_slow_intake_closed_by_the_reaper_stops_with_a_clean_error(
         yield first
         # Between two files (no timing involved): the reaper runs as if stale_after_s had passed
         # and takes this live but slow intake for a dead one.
-        with sessions() as session:
+        with sqlite_sessions() as session:
             later = datetime.now(UTC) + timedelta(seconds=601)
             closed.extend(close_abandoned_intakes(session, stale_after_s=600, now=later))
         yield second
 
-    with sessions() as session, pytest.raises(IntakeClosed) as raised:
+    with sqlite_sessions() as session, pytest.raises(IntakeClosed) as raised:
         submit_job(
             session, store, LIMITS, None, slow_upload(),  # type: ignore[arg-type]
-            enqueue=Recorder(sessions), notify=lambda ids: None, chunk=4,
+            enqueue=Recorder(sqlite_sessions), notify=lambda ids: None, chunk=4,
         )  # fmt: skip
     assert len(closed) == 1
     job_id = closed[0].id
     assert raised.value.job_id == job_id
     assert "submit the rest again" in str(raised.value) and "BRAINSCAN_STALE_AFTER_S" in str(raised.value)
     assert str(tmp_path) not in str(raised.value)
-    job, items = job_items(sessions, job_id)
+    job, items = job_items(sqlite_sessions, job_id)
     # As the reaper left it: the first chunk, then its one reason item; nothing of second.zip and
     # no second "interrupted" item from the intake's own error handling.
     assert (job.status, job.total, job.failed, job.finished_at) == ("queued", 5, 1, None)
@@ -394,11 +383,11 @@ def test_a_slow_intake_closed_by_the_reaper_stops_with_a_clean_error(
 
 
 def test_an_upload_smaller_than_a_chunk_is_one_transaction_never_receiving(
-    sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
+    sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
-    recorder = Recorder(sessions)
+    recorder = Recorder(sqlite_sessions)
     members = {"a.jpg": make_jpeg(1), "b.jpg": make_jpeg(2)}
-    with sessions() as session:
+    with sqlite_sessions() as session:
         result = submit_job(
             session, store, LIMITS, None, [upload(tmp_path, "small.zip", members)],
             enqueue=recorder, notify=lambda ids: None, chunk=64,

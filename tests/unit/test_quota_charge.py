@@ -7,7 +7,6 @@ larger of its bytes received and the scan bytes it stored, committed in chunks o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,40 +15,27 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from brainscan.auth import create_key
-from brainscan.db import Base, Item, make_engine
+from brainscan.db import Item
 from brainscan.intake import IntakeLimits, submit_job
 from brainscan.quotas import Usage, quota_exceeded, usage_today
 from brainscan.storage import ScanStore
 from tests.support.archives import make_tar, make_zip
 from tests.support.images import make_jpeg
+from tests.support.intake import ROOMY_LIMITS
 
-LIMITS = IntakeLimits(
-    max_archive_entries=1000,
-    max_expanded_bytes=64 * 1024 * 1024,
-    max_scan_bytes=1024 * 1024,
-    max_image_pixels=1_000_000,
-    max_items_per_job=1000,
-)
+LIMITS = ROOMY_LIMITS
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    Base.metadata.create_all(engine)
-    yield sessionmaker(engine, expire_on_commit=False)
-    engine.dispose()
-
-
-@pytest.fixture
-def key_id(sessions: sessionmaker[Session]) -> int:
-    with sessions() as session:
+def key_id(sqlite_sessions: sessionmaker[Session]) -> int:
+    with sqlite_sessions() as session:
         key, _plaintext = create_key(session, "quota-test")
         session.commit()
         return key.id
 
 
 def submit(
-    sessions: sessionmaker[Session],
+    sqlite_sessions: sessionmaker[Session],
     tmp_path: Path,
     key_id: int,
     files: dict[str, bytes],
@@ -64,7 +50,7 @@ def submit(
         path.write_bytes(data)
         paths.append((path, name))
     store = ScanStore(tmp_path / "store")
-    with sessions() as session:
+    with sqlite_sessions() as session:
         job = submit_job(
             session,
             store,
@@ -78,8 +64,8 @@ def submit(
         return list(session.scalars(select(Item).where(Item.job_id == job.id).order_by(Item.position)))
 
 
-def usage(sessions: sessionmaker[Session], key_id: int) -> Usage:
-    with sessions() as session:
+def usage(sqlite_sessions: sessionmaker[Session], key_id: int) -> Usage:
+    with sqlite_sessions() as session:
         return usage_today(session, key_id)
 
 
@@ -88,49 +74,49 @@ def stored_bytes(items: list[Item], sizes: dict[str, int]) -> int:
 
 
 def test_a_refused_file_costs_its_size_and_one_item(
-    sessions: sessionmaker[Session], tmp_path: Path, key_id: int
+    sqlite_sessions: sessionmaker[Session], tmp_path: Path, key_id: int
 ) -> None:
-    items = submit(sessions, tmp_path, key_id, {"notes.txt": b"x" * 5000})
+    items = submit(sqlite_sessions, tmp_path, key_id, {"notes.txt": b"x" * 5000})
     assert [(item.status, item.size_bytes) for item in items] == [("failed", 5000)]
-    assert usage(sessions, key_id) == Usage(scans=1, bytes=5000)
+    assert usage(sqlite_sessions, key_id) == Usage(scans=1, bytes=5000)
     # A JPEG whose header is refused before anything is stored costs its size too.
     bad = b"\xff\xd8\xff" + b"\x00" * 3000
-    items = submit(sessions, tmp_path, key_id, {"bad.jpg": bad})
+    items = submit(sqlite_sessions, tmp_path, key_id, {"bad.jpg": bad})
     assert [(item.status, item.size_bytes) for item in items] == [("failed", len(bad))]
-    assert usage(sessions, key_id) == Usage(scans=2, bytes=5000 + len(bad))
+    assert usage(sqlite_sessions, key_id) == Usage(scans=2, bytes=5000 + len(bad))
 
 
 def test_a_stored_scan_costs_its_size_as_before(
-    sessions: sessionmaker[Session], tmp_path: Path, key_id: int
+    sqlite_sessions: sessionmaker[Session], tmp_path: Path, key_id: int
 ) -> None:
     scan = make_jpeg(1)
-    items = submit(sessions, tmp_path, key_id, {"a.jpg": scan, "junk.bin": b"\x00" * 700})
+    items = submit(sqlite_sessions, tmp_path, key_id, {"a.jpg": scan, "junk.bin": b"\x00" * 700})
     assert [(item.status, item.size_bytes) for item in items] == [("queued", len(scan)), ("failed", 700)]
-    assert usage(sessions, key_id) == Usage(scans=2, bytes=len(scan) + 700)
+    assert usage(sqlite_sessions, key_id) == Usage(scans=2, bytes=len(scan) + 700)
 
 
 @pytest.mark.parametrize("chunk", [64, 4])  # 4: the archive's items are committed in chunks
 def test_an_archive_costs_the_larger_of_its_size_and_the_scans_it_stored(
-    sessions: sessionmaker[Session], tmp_path: Path, key_id: int, chunk: int
+    sqlite_sessions: sessionmaker[Session], tmp_path: Path, key_id: int, chunk: int
 ) -> None:
     members = {f"s/{i:02d}.jpg": make_jpeg(i) for i in range(10)}
     members["s/notes.txt"] = b"not a scan" * 100
     archive = make_zip(members)
-    items = submit(sessions, tmp_path, key_id, {"a.zip": archive}, chunk=chunk)
+    items = submit(sqlite_sessions, tmp_path, key_id, {"a.zip": archive}, chunk=chunk)
     sizes = {f"a.zip/{name}": len(data) for name, data in members.items()}
     assert len(items) == 11 and items[-1].status == "failed"
     assert sum(item.size_bytes or 0 for item in items) == max(len(archive), stored_bytes(items, sizes))
     # An archive of nothing usable costs its size, however its members failed.
     junk = make_zip({f"j/{i}.txt": b"y" * 2000 for i in range(5)})
-    failed = submit(sessions, tmp_path, key_id, {"junk.zip": junk}, chunk=chunk)
+    failed = submit(sqlite_sessions, tmp_path, key_id, {"junk.zip": junk}, chunk=chunk)
     assert [item.status for item in failed] == ["failed"] * 5
     assert sum(item.size_bytes or 0 for item in failed) == len(junk)
-    assert usage(sessions, key_id).scans == 16
+    assert usage(sqlite_sessions, key_id).scans == 16
 
 
 @pytest.mark.parametrize(("chunk", "kept"), [(64, 0), (4, 8)])
 def test_a_tar_refused_half_way_still_costs_its_size(
-    sessions: sessionmaker[Session], tmp_path: Path, key_id: int, chunk: int, kept: int
+    sqlite_sessions: sessionmaker[Session], tmp_path: Path, key_id: int, chunk: int, kept: int
 ) -> None:
     """A tar stream over the entry limit: its entries after the last commit are dropped (no items;
     with no commit yet, all of them, the one charged the upload's size included), and what the
@@ -138,7 +124,7 @@ def test_a_tar_refused_half_way_still_costs_its_size(
     members = {f"{i:02d}.jpg": make_jpeg(i) for i in range(30)}
     archive = make_tar(members)
     limits = IntakeLimits(**{**LIMITS.__dict__, "max_archive_entries": 10})
-    items = submit(sessions, tmp_path, key_id, {"big.tar": archive}, limits=limits, chunk=chunk)
+    items = submit(sqlite_sessions, tmp_path, key_id, {"big.tar": archive}, limits=limits, chunk=chunk)
     assert [item.status for item in items] == ["queued"] * kept + ["failed"]
     assert "BRAINSCAN_MAX_ARCHIVE_ENTRIES" in (items[-1].error or "")
     sizes = {f"big.tar/{name}": len(data) for name, data in members.items()}
@@ -146,11 +132,11 @@ def test_a_tar_refused_half_way_still_costs_its_size(
 
 
 def test_failed_items_and_refused_bytes_reach_the_quotas(
-    sessions: sessionmaker[Session], tmp_path: Path, key_id: int
+    sqlite_sessions: sessionmaker[Session], tmp_path: Path, key_id: int
 ) -> None:
     for _ in range(3):
-        submit(sessions, tmp_path, key_id, {"notes.txt": b"z" * 1000})
-    with sessions() as session:
+        submit(sqlite_sessions, tmp_path, key_id, {"notes.txt": b"z" * 1000})
+    with sqlite_sessions() as session:
         by_scans = quota_exceeded(session, key_id, scans_per_day=3, bytes_per_day=0)
         by_bytes = quota_exceeded(session, key_id, scans_per_day=0, bytes_per_day=3000)
         under = quota_exceeded(session, key_id, scans_per_day=4, bytes_per_day=3001)
