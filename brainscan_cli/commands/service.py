@@ -113,12 +113,27 @@ def beat(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> None
 
 
 def up(
-    workers: int = typer.Option(1, min=1, help="Worker processes to start."),
+    workers: int = typer.Option(
+        0,
+        min=0,
+        help="Worker processes to start; 0 = one per core, up to 4. Unless BRAINSCAN_TF_THREADS is set, "
+        "several workers share the cores equally.",
+    ),
 ) -> None:
     """Start the embedded stack: Redis, SQLite, API, worker(s), beat. Ctrl-C stops everything."""
-    from brainscan_cli.embedded import StackError, run_forever, start_stack, wait_for_workers
+    from brainscan_cli.embedded import (
+        StackError,
+        default_workers,
+        run_forever,
+        start_stack,
+        wait_for_workers,
+        worker_threads,
+    )
 
     settings = get_settings()
+    workers = workers or default_workers()
+    threads = worker_threads(settings.tf_threads, workers)
+    typer.echo(f"workers   {workers} x {threads or 'all'} thread(s)")
     try:
         stack = start_stack(settings, workers=workers, echo=typer.echo)
     except StackError as exc:
@@ -126,7 +141,7 @@ def up(
         raise typer.Exit(1) from None
     typer.echo(f"API       {stack.url}   (docs: {stack.url}/docs)")
     typer.echo(f"API key   {stack.key}   (also in {settings.api_key_file})")
-    typer.echo("waiting for the worker to load the model ...")
+    typer.echo("waiting for the workers to load the model ...")
     try:
         wait_for_workers(stack, workers)
     except StackError as exc:

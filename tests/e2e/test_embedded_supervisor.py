@@ -44,7 +44,7 @@ def up(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "BRAINSCAN_LOG_FORMAT": "json",
     }
     log = root / "up.log"
-    process = run_up(env, log)
+    process = run_up(env, log, "--workers", "1")  # one worker: the one this module kills
     try:
         wait_for(lambda: "ready." in log.read_text() or process.poll() is not None, what="brainscan up")
         assert process.poll() is None, log.read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from brainscan_cli.embedded import free_port
+from brainscan_cli.embedded import default_workers, free_port
 from tests.support.environment import ROOT, wait_for
 from tests.support.images import make_jpeg
 
@@ -52,10 +52,10 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("BRAINSCAN_")}
 
 
-def run_up(env: dict[str, str], log: Path) -> subprocess.Popen:
+def run_up(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "brainscan_cli.main", "up"],
+            [sys.executable, "-m", "brainscan_cli.main", "up", *args],
             env={**clean_environ(), **env, "PYTHONUNBUFFERED": "1"},
             cwd=ROOT,
             stdout=out,
@@ -103,7 +103,9 @@ def test_up_scores_a_scan_and_ctrl_c_stops_every_child(tiny_model_dir: Path, tmp
         wait_for(lambda: "ready." in log.read_text() or up.poll() is not None, what="brainscan up")
         assert up.poll() is None, log.read_text()
         children = descendants(up.pid)
-        assert len(children) >= 4  # redis, api, worker, beat
+        # One single-threaded worker per core by default (BRAINSCAN_TF_THREADS=1 here).
+        assert f"workers   {default_workers()} x 1 thread(s)" in log.read_text()
+        assert len(children) >= 3 + default_workers()  # redis, api, beat and the workers
         assert not leftover.exists()
         assert "removed 1 leftover temporary file(s), 4096 bytes" in log.read_text()
         assert (var_dir / "brainscan.db").stat().st_mode & 0o777 == 0o600  # owner-only

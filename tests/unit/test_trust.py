@@ -196,3 +196,36 @@ def test_a_grey_file_is_checked_on_one_channel_with_the_same_measures_as_three()
     np.testing.assert_array_equal(rgb, grey.repeat(3, axis=-1))
     assert input_measures(grey) == input_measures(rgb)
     assert input_measures(grey)["colour_share"] == 0.0
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=92)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "side", "fmt", "reused"),
+    [
+        ("L", 512, "JPEG", True),  # the head path's 1/8 decode is exactly the thumbnail's decode
+        ("L", 640, "JPEG", True),
+        ("L", 256, "JPEG", False),  # the thumbnail decodes at 1/4 here, the head path at 1/8
+        ("RGB", 512, "JPEG", False),  # the head path decodes to grey, the check needs the colour
+        ("L", 512, "PNG", False),  # no reduced decode at all
+    ],
+)
+def test_the_input_check_reuses_the_serving_decode_only_where_it_is_the_same_decode(
+    monkeypatch: pytest.MonkeyPatch, mode: str, side: int, fmt: str, reused: bool
+) -> None:
+    from brainscan import trust
+    from brainscan.imaging import InputSpec, prepare_and_view
+
+    head = Image.fromarray(draw_scan(0, seed=4, size=128)).resize((side, side)).convert(mode)
+    data = _jpeg(head) if fmt == "JPEG" else png(head)
+    _, decoded = prepare_and_view(data, InputSpec(192, 192, 1, "head-zscore", "head"))
+    assert decoded is not None
+    own = input_thumbnail(data)
+    if reused:
+        # No second decode: the file is never opened again, and the thumbnail is the same array.
+        monkeypatch.setattr(trust.Image, "open", lambda *_: pytest.fail("decoded the file again"))
+    np.testing.assert_array_equal(input_thumbnail(data, decoded=decoded), own)
