@@ -76,6 +76,17 @@ def log(message: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (figures are named with it), or "unknown CPU"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU"
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -545,12 +556,7 @@ def main() -> None:
     goal_ms = max_wait_ms + 3 * batch_ms
     p50, p95, p99 = (percentile(latencies, q) for q in (50, 95, 99))
     print()
-    cpu_name = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        "unknown CPU",
-    ) if Path("/proc/cpuinfo").exists() else "unknown CPU"  # fmt: skip
-    print(f"machine       {cores} cores, {cpu_name}; model {label}")
+    print(f"machine       {cores} cores, {cpu_name()}; model {label}")
     print(f"variant       {variant} ({'--format ' + args.format if args.format else 'the serving rule'})")
     print(
         f"stack         {'embedded' if not args.url else args.url}, {args.workers} worker(s), "

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # naive.py, model.py, 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in every service process (brainscan_cli)
 
-from e2e import model_only_sps  # noqa: E402
+from e2e import cpu_name, model_only_sps  # noqa: E402
 from naive import sample_scans, scan_source  # noqa: E402
 
 
@@ -170,13 +170,8 @@ def main() -> None:
     overhead_ms = decode_ms + intake_ms + bookkeeping_ms
     ceiling = cores * 1000.0 / (model_ms + overhead_ms)
 
-    cpu_name = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        "unknown CPU",
-    ) if Path("/proc/cpuinfo").exists() else "unknown CPU"  # fmt: skip
     print()
-    print(f"machine       {cores} cores, {cpu_name}")
+    print(f"machine       {cores} cores, {cpu_name()}")
     print(f"variant       {variant}, batch {batch_size}")
     print(
         f"model-only    {every_core:8.1f} scans/s, every core in one process (what e2e_vs_model divides by)"

@@ -14,11 +14,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from brainscan.db import Item, Job
 from brainscan.quotas import day_start
-from tests.support.api import Api, make_api
+from tests.support.api import Api, item_count, make_api
 from tests.support.environment import wait_for
 from tests.support.faults import RedisServer, TcpProxy
 from tests.support.images import make_jpeg
@@ -40,13 +40,6 @@ def database_url(request: pytest.FixtureRequest) -> str:
 def post_scans(api: Api, count: int, seed: int, **data: str):  # type: ignore[no-untyped-def]
     files = [("files", (f"s{i}.jpg", make_jpeg(seed + i), "image/jpeg")) for i in range(count)]
     return api.client.post("/v1/jobs", headers=api.auth(), files=files, data=data)
-
-
-def item_count(api: Api) -> int:
-    with api.sessions() as session:
-        return session.scalar(
-            select(func.count()).select_from(Item).join(Job).where(Job.owner_key_id == api.key_id)
-        )
 
 
 # ---- URLs from configuration ----------------------------------------------------------------------

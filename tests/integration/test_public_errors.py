@@ -18,6 +18,7 @@ import pytest
 from brainscan.modelrepo import ModelCard
 from tests.support.api import Api, make_api
 from tests.support.images import make_jpeg
+from tests.support.models import add_model as add_card_only_model
 from tests.support.services import REDIS_TEST_URL, flushed_broker
 
 pytestmark = pytest.mark.integration
@@ -52,10 +53,7 @@ def assert_no_server_path(api: Api, text: str) -> None:
 
 
 def add_model(api: Api, name: str = "demo", version: str = "3") -> Path:
-    folder = api.settings.model_dir / name / version
-    folder.mkdir(parents=True)
-    ModelCard(name=name, version=version, input_size=(32, 32), channels=1).write(folder)
-    return folder
+    return add_card_only_model(api.settings.model_dir, name, version, input_size=(32, 32), channels=1)
 
 
 def upload(api: Api, name: str, data: bytes) -> dict:

@@ -13,11 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
 
-from brainscan.db import Item, Job
 from brainscan.quotas import Usage, quota_exceeded, usage_today
-from tests.support.api import Api, make_api
+from tests.support.api import Api, item_count, make_api
 from tests.support.images import make_jpeg
 from tests.support.services import REDIS_TEST_URL, flushed_broker
 
@@ -41,13 +39,6 @@ def post(api: Api, name: str, data: bytes):  # type: ignore[no-untyped-def]
 def usage(api: Api) -> Usage:
     with api.sessions() as session:
         return usage_today(session, api.key_id)
-
-
-def item_count(api: Api) -> int:
-    with api.sessions() as session:
-        return session.scalar(
-            select(func.count()).select_from(Item).join(Job).where(Job.owner_key_id == api.key_id)
-        )
 
 
 def test_files_that_fail_at_intake_count_toward_the_scan_quota(

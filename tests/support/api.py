@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from brainscan.auth import create_key
-from brainscan.db import default_engine
+from brainscan.db import Item, Job, default_engine
 from brainscan.settings import Settings, get_settings
 from brainscan.storage import ScanStore
 
@@ -35,6 +36,14 @@ class Api:
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
+
+
+def item_count(api: Api) -> int:
+    """Items of every job the API's main key owns."""
+    with api.sessions() as session:
+        return session.scalar(
+            select(func.count()).select_from(Item).join(Job).where(Job.owner_key_id == api.key_id)
+        )
 
 
 def make_api(

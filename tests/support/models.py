@@ -17,6 +17,14 @@ from brainscan.modelrepo import ModelCard
 TINY_SIZE = 32
 
 
+def add_model(repo: Path, name: str, version: str, **fields: Any) -> Path:
+    """A card-only model folder ``repo/name/version`` (no weights): for the repository's own logic."""
+    folder = repo / name / version
+    folder.mkdir(parents=True)
+    ModelCard(name=name, version=version, **fields).write(folder)
+    return folder
+
+
 def build_tiny_model(
     folder: Path,
     *,

@@ -8,6 +8,7 @@ order of commits and sends, which the recorder reads back from the database at e
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -256,21 +257,35 @@ def job_items(sqlite_sessions: sessionmaker[Session], job_id: str) -> tuple[Job,
         return job, list(items)
 
 
+def submit_big_tar(
+    sqlite_sessions: sessionmaker[Session],
+    store: ScanStore,
+    tmp_path: Path,
+    *,
+    chunk: int,
+    then: tuple[tuple[Path, str], ...] = (),
+    enqueue: Recorder | None = None,
+    **limits: int,
+) -> tuple[Job, list[Item], Job]:
+    """A 15-entry tar against an entry limit of 10 (and ``limits``), then the uploads ``then``:
+    (the job as stored, its items by position, the job ``submit_job`` returned)."""
+    tar = tmp_path / "big.tar"
+    tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
+    limited = replace(LIMITS, max_archive_entries=10, **limits)
+    with sqlite_sessions() as session:
+        result = submit_job(
+            session, store, limited, None, [(tar, "big.tar"), *then],
+            enqueue=enqueue or Recorder(sqlite_sessions), notify=lambda ids: None, chunk=chunk,
+        )  # fmt: skip
+    job, items = job_items(sqlite_sessions, result.job.id)
+    return job, items, result.job
+
+
 def test_tar_found_over_the_entry_limit_keeps_the_chunks_already_committed(
     sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
-    from dataclasses import replace
-
-    path = tmp_path / "big.tar"
-    path.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
-    limits = replace(LIMITS, max_archive_entries=10)
     recorder = Recorder(sqlite_sessions)
-    with sqlite_sessions() as session:
-        result = submit_job(
-            session, store, limits, None, [(path, "big.tar")],
-            enqueue=recorder, notify=lambda ids: None, chunk=4,
-        )  # fmt: skip
-    job, items = job_items(sqlite_sessions, result.job.id)
+    job, items, returned = submit_big_tar(sqlite_sessions, store, tmp_path, chunk=4, enqueue=recorder)
     # A tar is read once: the two chunks committed before the 11th entry stay (they may be scored
     # already); entries 9-10 were not committed and are dropped; one failed item says why.
     assert recorder.calls[:2] == [("receiving", 4, 4), ("receiving", 8, 8)]
@@ -282,25 +297,17 @@ def test_tar_found_over_the_entry_limit_keeps_the_chunks_already_committed(
         "stored before that was found and are scored, the rest of it was not read; split it"
     )
     assert (job.status, job.total, job.failed) == ("queued", 9, 1)
-    assert (result.job.total, result.job.failed) == (9, 1)
+    assert (returned.total, returned.failed) == (9, 1)
 
 
 def test_tar_over_the_entry_limit_half_way_never_lets_the_job_pass_its_item_limit(
     sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
     """The committed part of the tar counts against max_items_per_job for the files after it."""
-    from dataclasses import replace
-
-    tar = tmp_path / "big.tar"
-    tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
     more = upload(tmp_path, "more.zip", {f"{i}.jpg": make_jpeg(100 + i) for i in range(10)})
-    limits = replace(LIMITS, max_archive_entries=10, max_items_per_job=12)
-    with sqlite_sessions() as session:
-        result = submit_job(
-            session, store, limits, None, [(tar, "big.tar"), more],
-            enqueue=Recorder(sqlite_sessions), notify=lambda ids: None, chunk=4,
-        )  # fmt: skip
-    job, items = job_items(sqlite_sessions, result.job.id)
+    job, items, returned = submit_big_tar(
+        sqlite_sessions, store, tmp_path, chunk=4, then=(more,), max_items_per_job=12
+    )
     # 8 committed tar scans + its reason + 3 scans of more.zip = 12 (the limit), then the one
     # explanatory item over it; positions dense, the job's counts equal its rows.
     assert [item.position for item in items] == list(range(13))
@@ -314,24 +321,16 @@ def test_tar_over_the_entry_limit_half_way_never_lets_the_job_pass_its_item_limi
     assert [item.status for item in items] == ["queued"] * 8 + ["failed"] + ["queued"] * 3 + ["failed"]
     assert "more than 10 entries" in items[8].error and "the rest of it was not read" in items[8].error
     assert items[-1].error.startswith("not read: the job reached its limit of 12 scans")
-    assert (job.total, job.failed) == (len(items), 2) == (result.job.total, result.job.failed)
+    assert (job.total, job.failed) == (len(items), 2) == (returned.total, returned.failed)
 
 
 def test_tar_over_the_entry_limit_in_a_full_job_says_both(
     sqlite_sessions: sessionmaker[Session], store: ScanStore, tmp_path: Path
 ) -> None:
-    from dataclasses import replace
-
-    tar = tmp_path / "big.tar"
-    tar.write_bytes(make_tar({f"{i:02d}.jpg": make_jpeg(i) for i in range(15)}))
     after = upload(tmp_path, "after.zip", {"a.jpg": make_jpeg(99)})
-    limits = replace(LIMITS, max_archive_entries=10, max_items_per_job=10)
-    with sqlite_sessions() as session:
-        result = submit_job(
-            session, store, limits, None, [(tar, "big.tar"), after],
-            enqueue=Recorder(sqlite_sessions), notify=lambda ids: None, chunk=5,
-        )  # fmt: skip
-    job, items = job_items(sqlite_sessions, result.job.id)
+    job, items, _ = submit_big_tar(
+        sqlite_sessions, store, tmp_path, chunk=5, then=(after,), max_items_per_job=10
+    )
     # All 10 scans were committed when the 11th entry was found: the reason is the one item over
     # the limit, and nothing of after.zip is read.
     assert [item.position for item in items] == list(range(11))

@@ -24,13 +24,7 @@ from brainscan.modelrepo import (
     resolve_model,
 )
 from brainscan.settings import Settings
-
-
-def add_model(repo: Path, name: str, version: str) -> Path:
-    folder = repo / name / version
-    folder.mkdir(parents=True)
-    ModelCard(name=name, version=version, architecture="test").write(folder)
-    return folder
+from tests.support.models import add_model
 
 
 def served(repo: Path, name: str = "", version: str = "") -> tuple[str, str, Path]:

@@ -14,19 +14,13 @@ import pytest
 from brainscan.modelrepo import (
     NO_MODEL,
     UNREADABLE_REPOSITORY,
-    ModelCard,
     ModelNotFound,
     public_reason,
     read_card,
     resolve_model,
 )
 from brainscan.storage import ScanStore, StorageUnavailable
-
-
-def add_model(repo: Path, name: str, version: str) -> None:
-    folder = repo / name / version
-    folder.mkdir(parents=True)
-    ModelCard(name=name, version=version).write(folder)
+from tests.support.models import add_model
 
 
 def refusal(repo: Path, name: str = "", version: str = "") -> ModelNotFound:
