@@ -79,7 +79,9 @@ def export_savedmodel(model: Any, folder: Path) -> Path:
     served = keras.Model(model.inputs, {"output_0": model.outputs[0], FEATURES_OUTPUT: features})
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=model.inputs[0].name)
     archive = keras.export.ExportArchive()
-    archive.track(served)
+    # No ``archive.track(served)``: the endpoint's own variables are saved without it, and tracking
+    # the model as well stores every weight a second time (keras-team/keras#23553), doubling the
+    # file and the variable memory of every process that loads it.
 
     def serve(x):  # type: ignore[no-untyped-def]
         return served(x, training=False)

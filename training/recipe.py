@@ -40,8 +40,11 @@ class Recipe:
     early_stopping_patience: int | None = None
     validation_fraction: float = 0.15
     split_seed: int = 1337
+    # Initial weights, augmentation draws and batch order. Separate from the split so that seeded runs
+    # of one recipe (an ensemble's members, or a check of run-to-run spread) share one validation set.
+    seed: int = 1337
     compact_shape: CompactShape = field(default_factory=CompactShape)
-    # "mixed_bfloat16" trains in bfloat16 where the hardware has it (AVX-512 BF16 / AMX, or a GPU),
+    # "mixed_bfloat16" trains in bfloat16 where the hardware makes it faster (AMX, or a GPU),
     # float32 elsewhere; variables and the exported model stay float32 either way.
     precision: str = "float32"
 
@@ -74,7 +77,8 @@ COMPACT_RECIPE = Recipe(
     crop="head",
     preprocessing="head-zscore",
     batch_size=32,
-    # 40 epochs of ~108 s (192 px, bf16) fit the 80-minute budget on the 2-core AMD EPYC.
+    # 40 epochs of ~108 s (192 px, bf16) fit the 80-minute budget on the 2-core AMD EPYC; ~73 s in
+    # float32 on a 2-core Xeon without AMX.
     stages=(Stage(epochs=40, learning_rate=2e-3),),
     augmentation=Augmentation(
         rotation_degrees=15.0,
@@ -100,39 +104,40 @@ COMPACT_RECIPE = Recipe(
 RECIPES = {"compact": COMPACT_RECIPE, "resnet50": RESNET50_RECIPE}
 
 
-def with_overrides(recipe: Recipe, epochs: int | None = None, batch_size: int | None = None) -> Recipe:
-    """The recipe with its total epochs scaled (stages keep their proportions) or batch size changed."""
+def with_overrides(
+    recipe: Recipe, epochs: int | None = None, batch_size: int | None = None, seed: int | None = None
+) -> Recipe:
+    """The recipe with its total epochs scaled (stages keep their proportions), batch size or seed changed."""
     if epochs is not None:
         scale = epochs / recipe.epochs
         stages = [Stage(max(1, round(s.epochs * scale)), s.learning_rate) for s in recipe.stages]
         recipe = replace(recipe, stages=tuple(stages))
     if batch_size is not None:
         recipe = replace(recipe, batch_size=batch_size)
+    if seed is not None:
+        recipe = replace(recipe, seed=seed)
     return recipe
 
 
-def bf16_hardware() -> bool:
-    """Whether bfloat16 arithmetic is native here: a GPU, or a CPU with AVX-512 BF16 or AMX."""
+def bf16_support() -> str:
+    """How this machine computes bfloat16: "native" where it is faster than float32 (a GPU, or a CPU
+    with AMX), "partial" on a CPU with AVX-512 BF16 but no AMX (faster on some, slower on others),
+    "none" where it would be emulated (always slower)."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         if tf.config.list_physical_devices("GPU"):
-            return True
+            return "native"
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return "none"
     flags = next(
         (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []
     )
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def training_precision(recipe: Recipe) -> str:
-    """The Keras dtype policy to train under: the recipe's, unless the hardware would emulate bfloat16."""
-    if recipe.precision == "mixed_bfloat16" and not bf16_hardware():
-        return "float32"  # emulated bfloat16 is slower than float32, not faster
-    return recipe.precision
+    if "amx_bf16" in flags:
+        return "native"
+    return "partial" if "avx512_bf16" in flags else "none"
 
 
 def learning_rate_schedule(recipe: Recipe, stage: Stage, steps_per_epoch: int):  # type: ignore[no-untyped-def]

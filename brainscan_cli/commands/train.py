@@ -118,6 +118,12 @@ def train_command(
     batch_size: int | None = typer.Option(
         None, "--batch-size", min=1, help="Images per training step (default: the recipe's own)."
     ),
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        help="Seed for initial weights, augmentation and batch order (default: the recipe's); "
+        "the validation split does not change with it.",
+    ),
     test: Path | None = typer.Option(
         None, "--test", help="A test folder, evaluated once at the very end.", exists=True, file_okay=False
     ),
@@ -153,6 +159,7 @@ def train_command(
                 weights=weights,
                 epochs=epochs,
                 batch_size=batch_size,
+                seed=seed,
                 test_dir=test,
                 cache_dir=cache,
                 limit_per_class=limit_per_class,

@@ -122,3 +122,19 @@ def test_a_model_whose_card_disagrees_with_its_graph_is_refused(model_folder: Pa
     result = runner.invoke(app, ["export", "--model", str(folder), "--tflite"])
     assert result.exit_code == 1 and "its card says (64, 64, 1)" in result.output
     assert not (folder / "model.tflite").exists()
+
+
+def test_the_exported_savedmodel_stores_each_weight_once_and_serves_the_keras_outputs(tmp_path: Path) -> None:
+    """keras-team/keras#23553: tracking the model beside its endpoint saved every weight twice."""
+    import tensorflow as tf
+
+    from training.export import export_savedmodel
+
+    model = small_compact_keras(seed=1)
+    folder = export_savedmodel(model, tmp_path / "compact" / "1")
+    stored = tf.train.list_variables(str(folder / "variables" / "variables"))
+    stored_values = sum(int(np.prod(shape)) for name, shape in stored if "OBJECT_GRAPH" not in name)
+    assert stored_values == model.count_params()
+    pixels = np.random.default_rng(0).normal(size=(2, *model.input_shape[1:])).astype(np.float32)
+    served = tf.saved_model.load(str(folder)).signatures["serve"](tf.constant(pixels))
+    np.testing.assert_allclose(served["output_0"].numpy(), np.asarray(model(pixels)), atol=1e-6)
