@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 PENDING_TTL_S = 60.0
 TEXT_KEYS = ("explainer", "model", "class", "layer")
+# A SavedModel exported by brainscan splits its network at the map Grad-CAM explains
+# (``training.export.export_savedmodel``): pixels -> maps, and maps -> probabilities.
+GRADCAM_MAPS = "gradcam_maps"
+GRADCAM_HEAD = "gradcam_head"
+GRADCAM_MAPS_OUTPUT = "maps"
 
 
 class HeatmapStore:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from brainscan import CLASSES
+from brainscan.heatmaps import GRADCAM_HEAD, GRADCAM_MAPS, GRADCAM_MAPS_OUTPUT
 from brainscan.imaging import InputSpec, ScanError, prepare
 from brainscan.modelrepo import ModelCard, ModelNotFound, ModelRef, read_card
 from brainscan.runtime import (
@@ -66,11 +67,26 @@ def feature_layer(model: Any) -> tuple[str, Any]:
     return getattr(producer, "name", "penultimate"), source
 
 
+def gradcam_map(model: Any) -> tuple[str, Any] | None:
+    """(name, symbolic output) of the feature map Grad-CAM explains from the SavedModel alone: the
+    spatial map the ``pool`` layer averages (compact nets, ensembles); None where there is none."""
+    try:
+        maps = model.get_layer("pool").input
+    except ValueError:
+        return None
+    if len(maps.shape) != 4 or (maps.shape[1] or 0) < 2 or (maps.shape[2] or 0) < 2:
+        return None  # a 1x1 map explains nothing
+    return maps._keras_history.operation.name, maps
+
+
 def export_savedmodel(model: Any, folder: Path) -> Path:
     """Write ``model`` as a SavedModel serving ``output_0`` (probabilities) and ``features``.
 
     The input keeps the model's own name (``pixels``, ``keras_tensor``), so the card-less original's
-    contract (``keras_tensor`` in, ``output_0`` out) still holds for a ResNet50 export.
+    contract (``keras_tensor`` in, ``output_0`` out) still holds for a ResNet50 export. Where the model
+    has a ``gradcam_map``, two more signatures split it there, so that Grad-CAM needs no Keras file
+    (``worker/gradcam.py``): ``gradcam_maps`` (pixels -> ``maps``) and ``gradcam_head`` (``maps`` ->
+    ``output_0``).
     """
     import keras
     import tensorflow as tf
@@ -88,6 +104,21 @@ def export_savedmodel(model: Any, folder: Path) -> Path:
 
     for endpoint in ("serve", "serving_default"):
         archive.add_endpoint(name=endpoint, fn=serve, input_signature=[spec])
+    explained = gradcam_map(model)
+    if explained is not None:
+        _, maps = explained
+        to_maps = keras.Model(model.inputs, maps)
+        from_maps = keras.Model(maps, model.outputs[0])
+
+        def pixels_to_maps(x):  # type: ignore[no-untyped-def]
+            return {GRADCAM_MAPS_OUTPUT: to_maps(x, training=False)}
+
+        def maps_to_probabilities(m):  # type: ignore[no-untyped-def]
+            return {"output_0": from_maps(m, training=False)}
+
+        maps_spec = tf.TensorSpec([None, *maps.shape[1:]], tf.float32, name=GRADCAM_MAPS_OUTPUT)
+        archive.add_endpoint(name=GRADCAM_MAPS, fn=pixels_to_maps, input_signature=[spec])
+        archive.add_endpoint(name=GRADCAM_HEAD, fn=maps_to_probabilities, input_signature=[maps_spec])
     archive.write_out(str(folder), verbose=False)
     return Path(folder)
 

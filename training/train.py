@@ -409,13 +409,18 @@ def finish(  # type: ignore[no-untyped-def]
             "precision": precision,
             "parameters": int(model.count_params()),
             "wall_seconds": wall_seconds,
-            "machine": f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "machine": machine_name(),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
     card.write(out_dir)
     (reports / "split.json").write_text(json.dumps({"validation": val_set.paths}, indent=1) + "\n")
     return card
+
+
+def machine_name() -> str:
+    """What trained a model, for its card: CPU model, architecture, cores, system."""
+    return f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def _cpu_name() -> str:

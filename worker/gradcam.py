@@ -1,17 +1,21 @@
-"""Explain a scan's prediction: Grad-CAM when the model folder has a Keras file, saliency otherwise.
+"""Explain a scan's prediction: Grad-CAM where the model folder allows it, saliency otherwise.
 
 Served models are SavedModels, whose restored functions do not expose inner activations, so
-Grad-CAM needs the Keras model: ``brainscan train`` writes ``model.keras`` beside the SavedModel.
+Grad-CAM needs either the network split at its feature map — the ``gradcam_maps`` and
+``gradcam_head`` signatures ``training.export.export_savedmodel`` writes (ensembles ship only these)
+— or the Keras model, ``model.keras``, which ``brainscan train`` writes beside a single network's
+SavedModel and which is preferred where present (folders exported before the split signatures).
 
 - ``gradcam`` (Selvaraju et al.): the gradient of the explained class's log-probability with respect
   to a spatial feature map, averaged per channel, weights the channels; ReLU, upsampled to the
   input size, scaled to [0, 1]. The feature map is the card's ``gradcam_layer``, else the last layer
   with a spatial (rank-4) output: ``stage4_block1_out`` in the compact net, the ResNet50 backbone's
-  ``conv5_block3_out`` (a nested backbone counts as one layer; naming a layer inside it works too).
+  ``conv5_block3_out`` (a nested backbone counts as one layer; naming a layer inside it works too);
+  through the split signatures, the map the ``pool`` layer averages (``maps`` in an ensemble).
   The log-probability is used rather than the probability: it only rescales the map (normalised
   away) but keeps gradients of a confident softmax from underflowing.
-- ``saliency`` (Simonyan et al.): for a folder without ``model.keras`` (the original project's
-  card-less export), the absolute gradient of the class's log-probability with respect to the input
+- ``saliency`` (Simonyan et al.): for a folder with neither (the original project's card-less
+  export), the absolute gradient of the class's log-probability with respect to the input
   pixels, through the SavedModel's serving function; max over channels, lightly blurred, [0, 1].
 
 The explained class is the model's own top class for the scan. Both maps have the model's input
@@ -125,10 +129,44 @@ def gradcam(
     grads = tape.gradient(score, feature)
     if grads is None:
         raise ValueError(f"no gradient reaches layer {used}")
+    return _cam(feature, grads, x.shape[1:3]), probabilities.numpy().astype(np.float32), used
+
+
+def gradcam_split(
+    to_maps: Any, from_maps: Any, batch: np.ndarray, class_index: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``gradcam`` through a SavedModel's split signatures (``gradcam_maps``, ``gradcam_head``)."""
+    import tensorflow as tf
+
+    from brainscan.heatmaps import GRADCAM_MAPS_OUTPUT
+
+    x = tf.convert_to_tensor(np.asarray(batch, np.float32))
+    feature = to_maps(**{_input_name(to_maps): x})[GRADCAM_MAPS_OUTPUT]
+    with tf.GradientTape() as tape:
+        tape.watch(feature)
+        probabilities = from_maps(**{_input_name(from_maps): feature})["output_0"]
+        chosen = _choose(probabilities, class_index)
+        score = tf.math.log(tf.gather(probabilities, chosen, axis=1, batch_dims=1) + _EPS)
+    grads = tape.gradient(score, feature)
+    if grads is None:
+        raise ValueError("no gradient reaches the SavedModel's Grad-CAM map")
+    return _cam(feature, grads, x.shape[1:3]), probabilities.numpy().astype(np.float32)
+
+
+def _input_name(signature: Any) -> str:
+    _, kwargs = signature.structured_input_signature
+    (name,) = kwargs
+    return str(name)
+
+
+def _cam(feature: Any, grads: Any, size: Any) -> np.ndarray:
+    """Channels weighted by their mean gradient, summed, ReLU, upsampled to ``size``, [0, 1]."""
+    import tensorflow as tf
+
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * feature, axis=-1))[..., None]
-    cam = tf.image.resize(cam, (x.shape[1], x.shape[2]), method="bilinear")[..., 0]
-    return _normalise(cam.numpy()), probabilities.numpy().astype(np.float32), used
+    cam = tf.image.resize(cam, (size[0], size[1]), method="bilinear")[..., 0]
+    return _normalise(cam.numpy())
 
 
 def saliency(
@@ -168,13 +206,15 @@ def _choose(probabilities: Any, class_index: Sequence[int] | None) -> Any:
 # ---- one model folder's explainer --------------------------------------------------------------------
 @dataclass
 class Explainer:
-    """Explains scans for one model folder (``ref``): Grad-CAM from ``model.keras``, else saliency."""
+    """Explains scans for one model folder (``ref``): Grad-CAM from ``model.keras`` or the SavedModel's
+    split signatures, else saliency."""
 
     ref: Any  # brainscan.modelrepo.ModelRef
     kind: str
     model: Any = field(repr=False, default=None)
     module: Any = field(repr=False, default=None)
     signature: tuple[Any, str, str] | None = field(repr=False, default=None)
+    split: tuple[Any, Any] | None = field(repr=False, default=None)  # (gradcam_maps, gradcam_head)
     layer: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -187,7 +227,9 @@ class Explainer:
         from brainscan.runtime import class_order
 
         with self.lock:  # Keras models and tapes are not meant for concurrent calls
-            if self.kind == GRADCAM:
+            if self.kind == GRADCAM and self.split is not None:
+                maps, probabilities = gradcam_split(*self.split, pixels[None])
+            elif self.kind == GRADCAM:
                 maps, probabilities, self.layer = gradcam(self.model, pixels[None], self.layer)
             else:
                 assert self.signature is not None
@@ -209,9 +251,15 @@ def load_explainer(ref: Any) -> Explainer:
         return Explainer(ref, GRADCAM, model=model, layer=layer)
     import tensorflow as tf
 
+    from brainscan.heatmaps import GRADCAM_HEAD, GRADCAM_MAPS
     from brainscan.runtime import serving_signature
 
     module = tf.saved_model.load(str(ref.path))
+    signatures = module.signatures
+    if GRADCAM_MAPS in signatures and GRADCAM_HEAD in signatures:
+        split = (signatures[GRADCAM_MAPS], signatures[GRADCAM_HEAD])
+        layer = getattr(card, "gradcam_layer", None) or None
+        return Explainer(ref, GRADCAM, module=module, split=split, layer=layer)
     return Explainer(ref, SALIENCY, module=module, signature=serving_signature(module))
 
 

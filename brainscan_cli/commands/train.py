@@ -398,6 +398,44 @@ def calibrate_command(
         typer.echo(f"  {line}")
 
 
+def ensemble_command(
+    members: list[Path] = typer.Option(
+        ...,
+        "--member",
+        exists=True,
+        file_okay=False,
+        help="A member's model folder (`brainscan train --seed N`); give two or more.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Model folder to write: models/<name>/<version>."),
+    data: Path = typer.Option(
+        ..., "--data", exists=True, file_okay=False, help="The folder the members were trained on."
+    ),
+    cache_dir: Path | None = _cache_dir_option(),
+) -> None:
+    """Serve MEMBERS as one model (their probabilities averaged): evaluated on their shared
+    validation split, exported (SavedModel with Grad-CAM signatures) and calibrated."""
+    from brainscan.modelrepo import ModelNotFound
+
+    _quiet_tensorflow()
+    from training.calibrate import describe
+    from training.ensemble import build_ensemble
+
+    try:
+        card = build_ensemble(members, out, data, _decode_cache(cache_dir))
+    except (ModelNotFound, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    metrics = card.metrics
+    typer.echo(
+        f"wrote {out} ({card.architecture}, {len(members)} members, {card.training['parameters']} parameters)"
+    )
+    typer.echo(
+        f"validation accuracy {metrics['val_accuracy']:.4f}, loss {metrics['val_loss']:.4f} "
+        f"on {metrics['val_n']} leak-free validation scans"
+    )
+    for line in describe(card):
+        typer.echo(f"  {line}")
+
+
 def audit_command(
     folder: Path = typer.Argument(
         ..., exists=True, file_okay=False, help="Folder of images (<class>/ subfolders)."
@@ -443,4 +481,5 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate_command)
     app.command("export")(export_command)
     app.command("calibrate")(calibrate_command)
+    app.command("ensemble")(ensemble_command)
     app.command("audit")(audit_command)

@@ -124,6 +124,65 @@ def test_train_compact_end_to_end(compact_model: Path, dataset: Path) -> None:
     assert "\r" not in log and "\b" not in log  # progress bars kept as their final line only
 
 
+@pytest.fixture(scope="module")
+def second_member(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "compact-seed8" / "1"
+    # The recipe's own seed (the first member was trained with --seed 7).
+    _invoke(
+        "train", "--data", str(dataset), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--no-cache"
+    )
+    return out
+
+
+def test_an_ensemble_of_seeded_members_serves_their_mean(
+    compact_model: Path, second_member: Path, dataset: Path, tmp_path: Path
+) -> None:
+    import tensorflow as tf
+
+    from training.recipe import COMPACT_RECIPE
+
+    out = tmp_path / "ensemble" / "1"
+    members = [compact_model, second_member]
+    args = [arg for member in members for arg in ("--member", str(member))]
+    output = _invoke(
+        "ensemble", *args, "--out", str(out), "--data", str(dataset), "--cache-dir", str(tmp_path)
+    )
+    assert "validation accuracy" in output and "temperature" in output
+    card = ModelCard.model_validate_json((out / "model.json").read_text())
+    member_cards = [ModelCard.model_validate_json((m / "model.json").read_text()) for m in members]
+    assert card.architecture == "compact-ensemble" and card.gradcam_layer == "maps"
+    assert [m["seed"] for m in card.training["members"]] == [7, COMPACT_RECIPE.seed]
+    assert card.training["wall_seconds"] >= sum(c.training["wall_seconds"] for c in member_cards)
+    assert card.metrics["val_n"] == member_cards[0].metrics["val_n"] and card.trust is not None
+    # Served from the SavedModel alone (Grad-CAM reads its split signatures), on the members' split.
+    assert not (out / "model.keras").exists()
+    assert (out / "reports" / "split.json").read_text() == (
+        compact_model / "reports" / "split.json"
+    ).read_text()
+    files = sorted(dataset.rglob("*.*"))[:6]
+    pixels = tf.constant(np.stack([prepare(f.read_bytes(), card.input_spec) for f in files]))
+    served = [tf.saved_model.load(str(folder)).signatures["serve"] for folder in (out, *members)]
+    ensemble, *singles = (function(pixels=pixels)["output_0"].numpy() for function in served)
+    np.testing.assert_allclose(ensemble, np.mean(singles, axis=0), atol=1e-5)
+
+
+def test_an_ensemble_refuses_members_validated_on_other_scans(
+    compact_model: Path, second_member: Path, dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    other = tmp_path / "other" / "1"
+    shutil.copytree(second_member, other)
+    split = json.loads((other / "reports" / "split.json").read_text())
+    (other / "reports" / "split.json").write_text(json.dumps({"validation": split["validation"][1:]}))
+    members = ["--member", str(compact_model), "--member", str(other)]
+    where = ["--out", str(tmp_path / "e" / "1"), "--data", str(dataset), "--cache-dir", str(tmp_path)]
+    result = runner.invoke(app, ["ensemble", *members, *where])
+    assert result.exit_code != 0
+    assert "was validated on other scans" in result.output
+    assert not (tmp_path / "e" / "1" / "saved_model.pb").exists()
+
+
 def test_train_resnet50_with_no_weights_end_to_end(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "models" / "resnet50" / "1"
     output = _invoke(

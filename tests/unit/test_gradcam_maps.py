@@ -110,3 +110,70 @@ def test_saliency_when_the_model_has_no_keras_file(tiny_model_dir: Path) -> None
     heat, best, _ = explainer.explain(pixels)
     assert_usable(heat, 32)
     assert 0 <= best < 4
+
+
+@pytest.fixture(scope="module")
+def ensemble_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two compact nets (96 px: a 3x3 last map) combined and exported as ``brainscan ensemble`` does:
+    a SavedModel with the Grad-CAM split signatures, no ``model.keras``."""
+    import keras
+
+    from training.architectures import build_compact
+    from training.ensemble import combine
+    from training.export import export_savedmodel
+
+    members = []
+    for seed in (4, 5):
+        keras.utils.set_random_seed(seed)
+        member = build_compact(96, channels=1, rescale=False)
+        for layer in member.layers:  # blocks start as the identity; give their last BatchNorm a scale
+            if layer.name.endswith("_bn2"):
+                layer.gamma.assign(np.ones(layer.gamma.shape, np.float32))
+        members.append(member)
+    folder = tmp_path_factory.mktemp("ensemble") / "ensemble" / "1"
+    model = combine(members)
+    export_savedmodel(model, folder)
+    model.save(str(folder.parent / "reference.keras"))  # outside the model folder: for comparison only
+    ModelCard(
+        name="ensemble",
+        version="1",
+        input_size=(96, 96),
+        channels=1,
+        preprocessing="head-zscore",
+        crop="head",
+        architecture="compact-ensemble",
+    ).write(folder)
+    return folder.parent.parent
+
+
+def test_an_ensemble_averages_its_members_probabilities() -> None:
+    from training.architectures import build_compact
+    from training.ensemble import combine
+
+    members = [build_compact(64, channels=1, rescale=False) for _ in range(3)]
+    pixels = np.random.default_rng(0).normal(size=(5, 64, 64, 1)).astype(np.float32)
+    expected = np.mean([np.asarray(m(pixels, training=False)) for m in members], axis=0)
+    model = combine(members)
+    np.testing.assert_allclose(np.asarray(model(pixels, training=False)), expected, atol=1e-6)
+    assert model.get_layer("pool").output.shape[-1] == 3 * members[0].get_layer("pool").output.shape[-1]
+
+
+def test_gradcam_from_the_savedmodel_alone_equals_keras_gradcam(ensemble_repo: Path) -> None:
+    """No model.keras: Grad-CAM through the SavedModel's split signatures, on the same map."""
+    import keras
+
+    from worker.gradcam import GRADCAM, gradcam, load_explainer
+
+    ref = resolve_model(ensemble_repo)
+    assert not (ref.path / "model.keras").exists()
+    explainer = load_explainer(ref)
+    assert explainer.kind == GRADCAM
+    pixels = np.random.default_rng(6).normal(size=(96, 96, 1)).astype(np.float32)
+    heat, best, probability = explainer.explain(pixels)
+    assert_usable(heat, 96)
+    reference = keras.saving.load_model(ensemble_repo / "ensemble" / "reference.keras", compile=False)
+    keras_heat, keras_probabilities, layer = gradcam(reference, pixels[None])
+    assert layer == "maps"  # the members' maps side by side
+    np.testing.assert_allclose(heat, keras_heat[0], atol=1e-5)
+    assert best == int(np.argmax(keras_probabilities[0]))
+    assert probability == pytest.approx(float(keras_probabilities[0].max()), abs=1e-6)
