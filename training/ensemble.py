@@ -26,6 +26,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ def build_ensemble(
     val_set = scans.subset(np.array([path in splits[0] for path in scans.paths]))
 
     model = combine([keras.saving.load_model(str(m / "model.keras"), compile=False) for m in members])
-    recipe = RECIPES[first.architecture]
+    # The members' own preprocessing (a card may predate the recipe's current one).
+    recipe = replace(RECIPES[first.architecture], preprocessing=first.preprocessing)
     probabilities = predict_pixels(model, val_set.pixels, recipe)
     metrics = classification_metrics(probabilities, val_set.labels)
     out_dir = Path(out_dir)
