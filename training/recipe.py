@@ -77,8 +77,8 @@ COMPACT_RECIPE = Recipe(
     crop="head",
     preprocessing="head-zscore",
     batch_size=32,
-    # 40 epochs of ~108 s (192 px, bf16) fit the 80-minute budget on the 2-core AMD EPYC; ~73 s in
-    # float32 on a 2-core Xeon without AMX.
+    # 40 epochs of ~108 s (192 px, bf16) fit the 80-minute budget on the 2-core AMD EPYC; ~80 s in
+    # float32 on a 2-core Intel Xeon without AMX (README, "Runs that did not become the default").
     stages=(Stage(epochs=40, learning_rate=2e-3),),
     augmentation=Augmentation(
         rotation_degrees=15.0,

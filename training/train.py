@@ -54,8 +54,20 @@ def to_dataset(pixels: np.ndarray, labels: np.ndarray, recipe: Recipe, shuffle: 
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def build_model(recipe: Recipe, weights: str | None):  # type: ignore[no-untyped-def]
-    """(served model, ResNet50 backbone or None). The served model takes ``preprocessing``-ready input."""
+def build_model(recipe: Recipe, weights: str | None, precision: str = "float32"):  # type: ignore[no-untyped-def]
+    """(served model, ResNet50 backbone or None), its layers computing in ``precision`` (a Keras dtype
+    policy; variables are float32 either way). The served model takes ``preprocessing``-ready input."""
+    import keras
+
+    saved_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return _build_architecture(recipe, weights)
+    finally:
+        keras.mixed_precision.set_global_policy(saved_policy)
+
+
+def _build_architecture(recipe: Recipe, weights: str | None):  # type: ignore[no-untyped-def]
     from training.architectures import build_compact, build_resnet50
 
     if recipe.arch == "resnet50":
@@ -167,7 +179,7 @@ def choose_precision(recipe: Recipe, step_seconds=None) -> str:  # type: ignore[
 
     Where the CPU has AVX-512 BF16 but no AMX the answer depends on the CPU (a 2-core AMD EPYC:
     0.68 s per compact step in bfloat16 against 0.98 s in float32; a 2-core Intel Xeon: 0.71 s
-    against 0.48 s), so a few steps of each decide (~30 s, against ~50 min of training).
+    against 0.48 s), so a few steps of each decide (16 s on the Xeon, against ~70 min of training).
     """
     if recipe.precision != "mixed_bfloat16":
         return recipe.precision
@@ -192,12 +204,7 @@ def training_step_seconds(recipe: Recipe, precision: str, steps: int = 3) -> flo
     """Seconds per training step of ``recipe``'s model under ``precision``, on random pixels."""
     import keras
 
-    saved_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        model, _ = build_model(recipe, None)
-    finally:
-        keras.mixed_precision.set_global_policy(saved_policy)
+    model, _ = build_model(recipe, None, precision)
     trainable = training_model(with_input_normalisation(model, recipe), recipe, seed=recipe.seed)
     trainable.compile(optimizer=keras.optimizers.Adam(), loss=make_loss(recipe))
     size, rng = recipe.input_size, np.random.default_rng(recipe.seed)
@@ -221,18 +228,12 @@ def fit_stages(  # type: ignore[no-untyped-def]
     extra_callbacks: list,
 ):
     """Train stage by stage (resuming finished stages), restore the best epoch; the float32 served model."""
-    import keras
 
     train_data = to_dataset(train_set.pixels, train_set.labels, recipe, shuffle=True, seed=recipe.seed)
     val_data = to_dataset(val_set.pixels, val_set.labels, recipe, shuffle=False, seed=recipe.seed)
     steps_per_epoch = int(np.ceil(len(train_set.labels) / recipe.batch_size))
     print(f"precision: {precision}", file=sys.stderr)
-    saved_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        model, backbone = build_model(recipe, weights)
-    finally:
-        keras.mixed_precision.set_global_policy(saved_policy)
+    model, backbone = build_model(recipe, weights, precision)
     trainable = training_model(with_input_normalisation(model, recipe), recipe, seed=recipe.seed)
     checkpoints = out_dir / "checkpoints"
     best_weights = checkpoints / "best.weights.h5"
