@@ -105,9 +105,14 @@ RECIPES = {"compact": COMPACT_RECIPE, "resnet50": RESNET50_RECIPE}
 
 
 def with_overrides(
-    recipe: Recipe, epochs: int | None = None, batch_size: int | None = None, seed: int | None = None
+    recipe: Recipe,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    input_size: int | None = None,
 ) -> Recipe:
-    """The recipe with its total epochs scaled (stages keep their proportions), batch size or seed changed."""
+    """The recipe with its total epochs scaled (stages keep their proportions), batch size, seed or
+    input size changed."""
     if epochs is not None:
         scale = epochs / recipe.epochs
         stages = [Stage(max(1, round(s.epochs * scale)), s.learning_rate) for s in recipe.stages]
@@ -116,6 +121,8 @@ def with_overrides(
         recipe = replace(recipe, batch_size=batch_size)
     if seed is not None:
         recipe = replace(recipe, seed=seed)
+    if input_size is not None:
+        recipe = replace(recipe, input_size=input_size)
     return recipe
 
 

@@ -108,6 +108,7 @@ def train(
     epochs: int | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
+    input_size: int | None = None,
     test_dir: Path | None = None,
     cache_dir: Path | None = Path("var/cache"),
     name: str | None = None,
@@ -119,7 +120,9 @@ def train(
     import keras
 
     started = time.monotonic()
-    recipe = with_overrides(RECIPES[arch], epochs=epochs, batch_size=batch_size, seed=seed)
+    recipe = with_overrides(
+        RECIPES[arch], epochs=epochs, batch_size=batch_size, seed=seed, input_size=input_size
+    )
     out_dir = Path(out_dir)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out_dir / "reports").mkdir(parents=True, exist_ok=True)

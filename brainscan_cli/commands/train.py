@@ -124,6 +124,13 @@ def train_command(
         help="Seed for initial weights, augmentation and batch order (default: the recipe's); "
         "the validation split does not change with it.",
     ),
+    input_size: int | None = typer.Option(
+        None,
+        "--input-size",
+        min=32,
+        max=512,
+        help="Square input side in pixels (default: the recipe's own); scans are decoded at it.",
+    ),
     test: Path | None = typer.Option(
         None, "--test", help="A test folder, evaluated once at the very end.", exists=True, file_okay=False
     ),
@@ -160,6 +167,7 @@ def train_command(
                 epochs=epochs,
                 batch_size=batch_size,
                 seed=seed,
+                input_size=input_size,
                 test_dir=test,
                 cache_dir=cache,
                 limit_per_class=limit_per_class,

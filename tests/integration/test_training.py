@@ -57,6 +57,9 @@ def compact_model(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         "8",
         "--seed",
         "7",
+        # Smaller than the recipe's own: checks --input-size and keeps the suite quick.
+        "--input-size",
+        "96",
         "--no-cache",
     )
     return out
@@ -96,9 +99,8 @@ def test_train_compact_end_to_end(compact_model: Path, dataset: Path) -> None:
     from training.recipe import COMPACT_RECIPE
 
     card = _assert_model_folder(compact_model, "compact")
-    size = COMPACT_RECIPE.input_size
     assert (card.input_size, card.channels, card.preprocessing, card.crop) == (
-        (size, size),
+        (96, 96),
         1,
         "head-zscore",
         "head",
@@ -109,12 +111,14 @@ def test_train_compact_end_to_end(compact_model: Path, dataset: Path) -> None:
     assert f"precision: {card.training['precision']}\n" in log
     served = keras.saving.load_model(compact_model / "model.keras")
     assert {layer.dtype_policy.name for layer in served.layers} == {"float32"}
-    # --seed moves the initial weights, augmentation and batch order, never the validation split.
+    # --seed and --input-size move the initial weights, augmentation, batch order and the decoded
+    # pixels, never the validation split (compared with the split at the recipe's own size).
     from training.data import leak_free_split, load_scanset
     from training.train import input_spec
 
     recipe = card.training["recipe"]
-    assert (recipe["seed"], recipe["split_seed"]) == (7, COMPACT_RECIPE.split_seed)
+    assert (recipe["seed"], recipe["split_seed"], recipe["input_size"]) == (7, COMPACT_RECIPE.split_seed, 96)
+    assert served.input_shape == (None, 96, 96, 1)
     scans = load_scanset(dataset, input_spec(COMPACT_RECIPE), cache_dir=None)
     _, default_split = leak_free_split(scans, COMPACT_RECIPE.validation_fraction, COMPACT_RECIPE.split_seed)
     split = json.loads((compact_model / "reports" / "split.json").read_text())["validation"]
@@ -129,7 +133,18 @@ def second_member(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("models") / "compact-seed8" / "1"
     # The recipe's own seed (the first member was trained with --seed 7).
     _invoke(
-        "train", "--data", str(dataset), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--no-cache"
+        "train",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--input-size",
+        "96",
+        "--no-cache",
     )
     return out
 
