@@ -126,6 +126,19 @@ def with_overrides(
     return recipe
 
 
+def recipe_from_record(record: dict) -> Recipe:
+    """The ``Recipe`` a card's ``training.recipe`` records: JSON's lists back to the tuples it held."""
+
+    def tuples(fields: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+    fields = dict(record)
+    fields["stages"] = tuple(Stage(**stage) for stage in fields["stages"])
+    fields["augmentation"] = Augmentation(**tuples(fields["augmentation"]))
+    fields["compact_shape"] = CompactShape(**tuples(fields["compact_shape"]))
+    return Recipe(**fields)
+
+
 def bf16_support() -> str:
     """How this machine computes bfloat16: "native" where it is faster than float32 (a GPU, or a CPU
     with AMX), "partial" on a CPU with AVX-512 BF16 but no AMX (faster on some, slower on others),

@@ -1,0 +1,28 @@
+"""A card's recorded recipe reads back as the recipe that trained the model (bench/errors.py uses it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from training.recipe import COMPACT_RECIPE, RESNET50_RECIPE, recipe_from_record, with_overrides
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [COMPACT_RECIPE, RESNET50_RECIPE, with_overrides(COMPACT_RECIPE, epochs=3, seed=2, input_size=224)],
+    ids=["compact", "resnet50", "compact-overridden"],
+)
+def test_a_recorded_recipe_reads_back_equal(recipe) -> None:  # type: ignore[no-untyped-def]
+    # As `brainscan train` writes it into model.json: through JSON, so tuples come back as lists.
+    record = json.loads(json.dumps(asdict(recipe)))
+    assert isinstance(record["stages"], list) and isinstance(record["compact_shape"]["widths"], list)
+    assert recipe_from_record(record) == recipe
+
+
+def test_with_overrides_changes_only_what_it_names() -> None:
+    changed = with_overrides(COMPACT_RECIPE, input_size=224)
+    assert changed.input_size == 224
+    assert asdict(changed) | {"input_size": COMPACT_RECIPE.input_size} == asdict(COMPACT_RECIPE)
