@@ -20,7 +20,6 @@ step helps can be judged across seeds. Figures, never assertions.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -72,11 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="print every misread scan")
     args = parser.parse_args(argv)
 
-    reference = json.loads((args.model[0] / "reports" / "split.json").read_text())["validation"]
-    for model in args.model[1:]:
-        if json.loads((model / "reports" / "split.json").read_text())["validation"] != reference:
-            raise SystemExit(f"{model}: validated on other scans than {args.model[0]}")
     paths, labels = validation_files(args.model[0], args.data)
+    for model in args.model[1:]:
+        if validation_files(model, args.data)[0] != paths:
+            raise SystemExit(f"{model}: validated on other scans than {args.model[0]}")
     files = [p.read_bytes() for p in paths]
     print(f"{len(files)} leak-free validation scans of {args.data}", file=sys.stderr)
 

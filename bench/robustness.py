@@ -121,7 +121,7 @@ def validation_files(model: Path, data: Path) -> tuple[list[Path], np.ndarray]:
     """The model's leak-free validation scans (``reports/split.json``) under ``data``, with labels."""
     split = model / "reports" / "split.json"
     if not split.is_file():
-        raise SystemExit(f"{split} not found: robustness is measured on a model's own validation split")
+        raise SystemExit(f"{split} not found: models are measured here on their own validation split")
     relative = json.loads(split.read_text())["validation"]
     paths = [data / p for p in relative]
     missing = [str(p) for p in paths if not p.is_file()]
