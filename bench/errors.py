@@ -5,7 +5,8 @@
 
 Every model is scored on the leak-free validation split its ``reports/split.json`` names (all of them
 must name the same one: seeded runs and ``--input-size`` runs of one recipe do), each through the
-serving path at its own input spec (``brainscan.imaging.prepare``, ``brainscan.runtime.load_scorer``).
+serving path at its own input spec (``brainscan.imaging.load_pixels`` then ``normalize``, which is
+``prepare``; ``brainscan.runtime.load_scorer``).
 Scored as SavedModels unless ``--format`` names a variant every model has.
 Prints accuracy, errors and glioma recall per model, for the mean of their probabilities (models of
 different input sizes can be averaged here, though ``brainscan ensemble`` cannot serve them as one),
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # robustness.py
 from robustness import validation_files
 
 from brainscan import CLASSES
-from brainscan.imaging import load_pixels, prepare
+from brainscan.imaging import load_pixels, normalize
 from brainscan.runtime import load_scorer, predict_in_batches
 
 GLIOMA = CLASSES.index("glioma")
@@ -45,8 +46,9 @@ def summary(name: str, probabilities: np.ndarray, labels: np.ndarray) -> str:
     )
 
 
-def without_recalibration(model: Path, files: list[bytes]) -> np.ndarray:
-    """Probabilities of the best epoch's checkpointed weights, float32, BatchNorm as trained."""
+def without_recalibration(model: Path, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities of the best epoch's checkpointed weights for uint8 ``pixels`` (as training holds
+    them), float32, BatchNorm as trained."""
     from brainscan.modelrepo import ModelCard
     from training.recipe import recipe_from_record
     from training.train import build_model, predict_pixels, training_model, with_input_normalisation
@@ -56,7 +58,6 @@ def without_recalibration(model: Path, files: list[bytes]) -> np.ndarray:
     served, _ = build_model(recipe, None)
     trainable = training_model(with_input_normalisation(served, recipe), recipe, seed=recipe.seed)
     trainable.load_weights(str(model / "checkpoints" / "best.weights.h5"))
-    pixels = np.stack([load_pixels(data, card.input_spec) for data in files])  # uint8, as training holds them
     return predict_pixels(served, pixels, recipe)
 
 
@@ -81,10 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     scored: dict[str, np.ndarray] = {}
     for model in args.model:
         scorer = load_scorer(model, model_format=args.format)
-        inputs = np.stack([prepare(data, scorer.card.input_spec) for data in files])
-        scored[str(model)] = predict_in_batches(scorer, inputs)
+        spec = scorer.card.input_spec
+        # Decoded once: ``brainscan.imaging.prepare`` is exactly this decode, then ``normalize``.
+        pixels = np.stack([load_pixels(data, spec) for data in files])
+        scored[str(model)] = predict_in_batches(
+            scorer, normalize(pixels, spec.preprocessing).astype(np.float32)
+        )
         if args.without_recalibration and (model / "checkpoints" / "best.weights.h5").is_file():
-            scored[f"{model} (without BatchNorm recalibration)"] = without_recalibration(model, files)
+            scored[f"{model} (without BatchNorm recalibration)"] = without_recalibration(model, pixels)
     for name, probabilities in scored.items():
         print(summary(name, probabilities, labels))
     exported = [scored[str(m)] for m in args.model]

@@ -127,7 +127,8 @@ def with_overrides(
 
 
 def recipe_from_record(record: dict) -> Recipe:
-    """The ``Recipe`` a card's ``training.recipe`` records: JSON's lists back to the tuples it held."""
+    """The ``Recipe`` a card's ``training.recipe`` records: JSON's lists back to the tuples it held;
+    a field added to ``Recipe`` after the card was written takes its default."""
 
     def tuples(fields: dict) -> dict:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}

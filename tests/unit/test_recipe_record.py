@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,16 @@ def test_a_recorded_recipe_reads_back_equal(recipe) -> None:  # type: ignore[no-
     record = json.loads(json.dumps(asdict(recipe)))
     assert isinstance(record["stages"], list) and isinstance(record["compact_shape"]["widths"], list)
     assert recipe_from_record(record) == recipe
+
+
+def test_the_default_models_recorded_recipe_reads_back_as_recorded() -> None:
+    # A record `brainscan train` wrote before `--seed` existed: every recorded field comes back as it
+    # was, and the field added since takes the recipe's default (version 3 was trained with that seed).
+    card = json.loads((Path(__file__).parents[2] / "models/brainscan-compact/3/model.json").read_text())
+    record = card["training"]["recipe"]
+    rebuilt = json.loads(json.dumps(asdict(recipe_from_record(record))))
+    assert {field: rebuilt[field] for field in record} == record
+    assert set(rebuilt) - set(record) == {"seed"} and rebuilt["seed"] == COMPACT_RECIPE.seed
 
 
 def test_with_overrides_changes_only_what_it_names() -> None:
