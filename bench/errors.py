@@ -1,7 +1,7 @@
 """Which validation scans models misread: per model, their average, and the errors they share (issue 12).
 
     .venv/bin/python bench/errors.py --model models/brainscan-compact/3 --model runs/224px \
-        --data ../shared/data/brain-tumor-mri/Training [--without-recalibration] [--list]
+        --data ../shared/data/brain-tumor-mri/Training [--without-recalibration] [--flip] [--list]
 
 Every model is scored on the leak-free validation split its ``reports/split.json`` names (all of them
 must name the same one: seeded runs and ``--input-size`` runs of one recipe do), each through the
@@ -15,7 +15,8 @@ and how many errors every model shares: errors that all runs make are not run-to
 ``--without-recalibration``: for a run folder that still holds ``checkpoints/best.weights.h5`` (a
 training output before its checkpoints are deleted), also the best epoch's weights as they were, without
 the BatchNorm recalibration ``brainscan train`` applies after the exponential average — so whether that
-step helps can be judged across seeds. Figures, never assertions.
+step helps can be judged across seeds. ``--flip``: also each model's mean over the scan and its
+left-right mirror (test-time flip; the service does not do it). Figures, never assertions.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the folder the models were trained on")
     parser.add_argument("--format", default="savedmodel", help="savedmodel | tflite | tflite-int8")
     parser.add_argument("--without-recalibration", action="store_true")
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="also each model averaged with its left-right mirror (test-time flip)",
+    )
     parser.add_argument("--list", action="store_true", help="print every misread scan")
     args = parser.parse_args(argv)
 
@@ -85,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
         spec = scorer.card.input_spec
         # Decoded once: ``brainscan.imaging.prepare`` is exactly this decode, then ``normalize``.
         pixels = np.stack([load_pixels(data, spec) for data in files])
-        scored[str(model)] = predict_in_batches(
-            scorer, normalize(pixels, spec.preprocessing).astype(np.float32)
-        )
+        tensors = normalize(pixels, spec.preprocessing).astype(np.float32)
+        scored[str(model)] = predict_in_batches(scorer, tensors)
+        if args.flip:  # the mirror of the normalised tensor: what the mirrored scan would give
+            mirrored = predict_in_batches(scorer, np.ascontiguousarray(tensors[:, :, ::-1]))
+            scored[f"{model} + mirror (test-time flip)"] = (scored[str(model)] + mirrored) / 2
         if args.without_recalibration and (model / "checkpoints" / "best.weights.h5").is_file():
             scored[f"{model} (without BatchNorm recalibration)"] = without_recalibration(model, pixels)
     for name, probabilities in scored.items():

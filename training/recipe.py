@@ -36,6 +36,9 @@ class Recipe:
     warmup_epochs: float = 0.0
     cosine_decay: bool = False
     label_smoothing: float = 0.0
+    # Mixup (Zhang et al. 2018): each training batch blended with itself reversed, pixels and one-hot
+    # labels alike, by a Beta(alpha, alpha) weight per scan; 0 leaves it out.
+    mixup_alpha: float = 0.0
     ema_momentum: float | None = None  # evaluate and export an exponential moving average of weights
     early_stopping_patience: int | None = None
     validation_fraction: float = 0.15
@@ -110,9 +113,10 @@ def with_overrides(
     batch_size: int | None = None,
     seed: int | None = None,
     input_size: int | None = None,
+    mixup_alpha: float | None = None,
 ) -> Recipe:
-    """The recipe with its total epochs scaled (stages keep their proportions), batch size, seed or
-    input size changed."""
+    """The recipe with its total epochs scaled (stages keep their proportions), batch size, seed,
+    input size or mixup changed."""
     if epochs is not None:
         scale = epochs / recipe.epochs
         stages = [Stage(max(1, round(s.epochs * scale)), s.learning_rate) for s in recipe.stages]
@@ -123,6 +127,8 @@ def with_overrides(
         recipe = replace(recipe, seed=seed)
     if input_size is not None:
         recipe = replace(recipe, input_size=input_size)
+    if mixup_alpha is not None:
+        recipe = replace(recipe, mixup_alpha=mixup_alpha)
     return recipe
 
 

@@ -51,7 +51,28 @@ def to_dataset(pixels: np.ndarray, labels: np.ndarray, recipe: Recipe, shuffle: 
         dataset = dataset.shuffle(len(pixels), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(recipe.batch_size)
     dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if shuffle and recipe.mixup_alpha:
+        dataset = dataset.map(
+            lambda x, y: mix_up(x, y, recipe.mixup_alpha), num_parallel_calls=tf.data.AUTOTUNE
+        )
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def mix_up(pixels, labels, alpha: float):  # type: ignore[no-untyped-def]
+    """A batch blended with itself reversed: scan i and scan n-1-i, weighted by a Beta(alpha, alpha)
+    draw per scan, labels by the same weight. Before the augmentation layers, so both scans of a
+    blend share one geometry and one intensity change, as a single scan would."""
+    import tensorflow as tf
+
+    batch = tf.shape(pixels)[0]
+    # Beta(a, a) as the ratio of two Gamma(a) draws (tf has no Beta sampler).
+    first, second = tf.random.gamma([batch], alpha), tf.random.gamma([batch], alpha)
+    weight = first / (first + second)
+    pixel_weight = tf.reshape(weight, [-1, 1, 1, 1])
+    label_weight = tf.reshape(weight, [-1, 1])
+    mixed_pixels = pixel_weight * pixels + (1.0 - pixel_weight) * tf.reverse(pixels, axis=[0])
+    mixed_labels = label_weight * labels + (1.0 - label_weight) * tf.reverse(labels, axis=[0])
+    return mixed_pixels, mixed_labels
 
 
 def build_model(recipe: Recipe, weights: str | None, precision: str = "float32"):  # type: ignore[no-untyped-def]
@@ -109,6 +130,7 @@ def train(
     batch_size: int | None = None,
     seed: int | None = None,
     input_size: int | None = None,
+    mixup_alpha: float | None = None,
     test_dir: Path | None = None,
     cache_dir: Path | None = Path("var/cache"),
     name: str | None = None,
@@ -121,11 +143,17 @@ def train(
 
     started = time.monotonic()
     recipe = with_overrides(
-        RECIPES[arch], epochs=epochs, batch_size=batch_size, seed=seed, input_size=input_size
+        RECIPES[arch],
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        input_size=input_size,
+        mixup_alpha=mixup_alpha,
     )
     out_dir = Path(out_dir)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out_dir / "reports").mkdir(parents=True, exist_ok=True)
+    claim_checkpoints(out_dir, recipe)
     precision = choose_precision(recipe)  # before seeding: its timing run draws random numbers
     keras.utils.set_random_seed(recipe.seed)
 
@@ -156,6 +184,23 @@ def train(
     from training.calibrate import calibrate_model
 
     return calibrate_model(out_dir, Path(data_dir), cache_dir)
+
+
+def claim_checkpoints(out_dir: Path, recipe: Recipe) -> None:
+    """Checkpoints resume only the settings that wrote them: a re-run into ``out_dir`` with another
+    seed, input size or schedule would otherwise continue the old run and record the new settings."""
+    record = out_dir / "checkpoints" / "recipe.json"
+    wanted = _jsonable(asdict(recipe))
+    if record.exists():
+        held = json.loads(record.read_text())
+        changed = sorted(key for key in held.keys() | wanted.keys() if held.get(key) != wanted.get(key))
+        if changed:
+            raise ValueError(
+                f"{out_dir} holds checkpoints of a run with other settings ({', '.join(changed)}): "
+                "re-run with that run's options to resume it, or train into another --out"
+            )
+        return
+    record.write_text(json.dumps(wanted, indent=1) + "\n")
 
 
 def load_split(

@@ -131,6 +131,13 @@ def train_command(
         max=512,
         help="Square input side in pixels (default: the recipe's own); scans are decoded at it.",
     ),
+    mixup: float | None = typer.Option(
+        None,
+        "--mixup",
+        min=0.0,
+        max=1.0,
+        help="Mixup's Beta(alpha, alpha) for training batches; 0 turns it off (default: the recipe's).",
+    ),
     test: Path | None = typer.Option(
         None, "--test", help="A test folder, evaluated once at the very end.", exists=True, file_okay=False
     ),
@@ -168,6 +175,7 @@ def train_command(
                 batch_size=batch_size,
                 seed=seed,
                 input_size=input_size,
+                mixup_alpha=mixup,
                 test_dir=test,
                 cache_dir=cache,
                 limit_per_class=limit_per_class,

@@ -270,6 +270,17 @@ def test_interrupted_training_resumes_from_its_last_epoch(dataset: Path, tmp_pat
     assert "finished in an earlier run" in again and "Epoch" not in again
 
 
+def test_train_refuses_to_resume_a_run_with_other_settings(compact_model: Path, dataset: Path) -> None:
+    """Another seed into a finished run's folder would resume its checkpoints under the new name."""
+    before = (compact_model / "model.json").read_text()
+    options = ["--epochs", "1", "--batch-size", "8", "--seed", "8", "--input-size", "96", "--no-cache"]
+    result = runner.invoke(app, ["train", "--data", str(dataset), "--out", str(compact_model), *options])
+    assert result.exit_code == 1
+    assert "holds checkpoints of a run with other settings (seed)" in result.output
+    assert "Epoch" not in result.output and "Traceback" not in result.output
+    assert (compact_model / "model.json").read_text() == before  # the finished run is untouched
+
+
 def test_train_refuses_a_folder_with_unknown_classes(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "d", per_class=2, size=32)
     (data / "astrocytoma").mkdir()

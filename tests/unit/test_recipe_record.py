@@ -30,10 +30,23 @@ def test_the_default_models_recorded_recipe_reads_back_as_recorded() -> None:
     record = card["training"]["recipe"]
     rebuilt = json.loads(json.dumps(asdict(recipe_from_record(record))))
     assert {field: rebuilt[field] for field in record} == record
-    assert set(rebuilt) - set(record) == {"seed"} and rebuilt["seed"] == COMPACT_RECIPE.seed
+    assert set(rebuilt) - set(record) == {"seed", "mixup_alpha"}
+    assert rebuilt["seed"] == COMPACT_RECIPE.seed and rebuilt["mixup_alpha"] == 0.0
 
 
 def test_with_overrides_changes_only_what_it_names() -> None:
     changed = with_overrides(COMPACT_RECIPE, input_size=224)
     assert changed.input_size == 224
     assert asdict(changed) | {"input_size": COMPACT_RECIPE.input_size} == asdict(COMPACT_RECIPE)
+
+
+def test_checkpoints_resume_only_the_settings_that_wrote_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from training.train import claim_checkpoints
+
+    (tmp_path / "checkpoints").mkdir()
+    claim_checkpoints(tmp_path, COMPACT_RECIPE)
+    claim_checkpoints(tmp_path, COMPACT_RECIPE)  # the same run again: resumes
+    with pytest.raises(ValueError, match=r"other settings \(input_size, seed\)"):
+        claim_checkpoints(tmp_path, with_overrides(COMPACT_RECIPE, seed=2, input_size=224))
+    # Refusing changed nothing: the first run's settings still hold the folder.
+    claim_checkpoints(tmp_path, COMPACT_RECIPE)
